@@ -1,0 +1,36 @@
+# Two commands set up everything on a fresh machine:
+#   make demo   # venv + deps + Fashion-MNIST, then train and evaluate the quickstart MultiMax ViT on CPU
+#   make test   # venv + deps + Fashion-MNIST, then the test suite
+VENV ?= .venv
+PY := $(VENV)/bin/python
+FMNIST := /usr/share/datasets/fashion-mnist
+
+.PHONY: setup data demo test clean
+
+setup: $(VENV)/.installed
+
+$(VENV)/.installed: requirements.txt
+	python3 -m venv $(VENV)
+	$(PY) -m pip install -q --upgrade pip
+	$(PY) -m pip install -q -r requirements.txt
+	touch $@
+
+# Debian's dataset-fashion-mnist package; elsewhere set data.download=true (torchvision fetches it).
+data:
+	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
+	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
+	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
+	      || echo "warning: could not install dataset-fashion-mnist"; \
+	  else echo "note: $(FMNIST) missing and apt-get unavailable; use data.download=true"; fi; \
+	fi
+
+# Placeholder until train.py lands: a forward/backward smoke of the quickstart model.
+demo: setup data
+	$(PY) -c "import torch, timm, models; m = timm.create_model('vit_micro_multimax_patch7_28'); \
+	y = m(torch.randn(8, 1, 28, 28)); y.logsumexp(-1).sum().backward(); print('ok', tuple(y.shape))"
+
+test: setup data
+	OMP_NUM_THREADS=2 $(PY) -m pytest
+
+clean:
+	rm -rf $(VENV) runs

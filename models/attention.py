@@ -1,0 +1,161 @@
+"""Multi-head self-attention with a configurable normalizer (MultiMax, softmax, sparsemax, ...).
+
+Drop-in for timm's ``Attention``: same constructor arguments and the same ``qkv`` / ``proj``
+parameter names and shapes, so timm/DeiT weights load. The normalizer's parameters (for
+MultiMax, the SegLU modulator) sit at ``<block>.attn.normalizer.modulator.{ranges,ts}``.
+
+Backends (``backend=``):
+- ``sdpa``: ``F.scaled_dot_product_attention``; softmax only (temperature folded into the scale).
+- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v.
+- ``auto``: sdpa for softmax, explicit otherwise.
+
+Attention probabilities are never kept on the module. Analysis asks for them with
+``record_attention(model)``, which collects them per layer for the forwards inside its block.
+"""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass, field
+from typing import Dict, Iterator, List, Optional, Type
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .multimax import NORMALIZERS, build_normalizer
+
+ATTN_BACKENDS = ("auto", "sdpa", "explicit")
+
+
+@dataclass
+class AttentionRecord:
+    """What ``record_attention`` collected: per attention layer (module name), a list with one
+    entry per forward of probabilities (B, H, N, N) and, if asked, the pre-normalizer scaled
+    scores (B, H, N, N)."""
+
+    probs: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
+    scores: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
+
+
+class MultiMaxAttention(nn.Module):
+    """Self-attention over tokens. Input (B, N, C) → output (B, N, C)."""
+
+    def __init__(
+        self,
+        dim: int,
+        num_heads: int = 8,
+        qkv_bias: bool = False,
+        qk_norm: bool = False,
+        scale_norm: bool = False,
+        proj_bias: bool = True,
+        attn_drop: float = 0.0,
+        proj_drop: float = 0.0,
+        norm_layer: Optional[Type[nn.Module]] = None,
+        normalizer: str = "multimax",
+        modulator_order: int = 2,
+        modulator_init: str = "trunc_normal",
+        modulator_affine: bool = False,
+        softmax_temperature: float = 1.0,
+        backend: str = "auto",
+        device=None,
+        dtype=None,
+        **unused,
+    ) -> None:
+        super().__init__()
+        if dim % num_heads:
+            raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
+        if (qk_norm or scale_norm) and norm_layer is None:
+            raise ValueError("qk_norm/scale_norm need a norm_layer")
+        if backend not in ATTN_BACKENDS:
+            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
+        if backend == "sdpa" and normalizer != "softmax":
+            raise ValueError(f"backend 'sdpa' computes softmax only, not {normalizer!r}")
+        dd = {"device": device, "dtype": dtype}
+        self.num_heads = num_heads
+        self.head_dim = dim // num_heads
+        self.scale = self.head_dim ** -0.5
+        self.backend = backend
+        self.qkv = nn.Linear(dim, dim * 3, bias=qkv_bias, **dd)
+        self.q_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.k_norm = norm_layer(self.head_dim, **dd) if qk_norm else nn.Identity()
+        self.normalizer = build_normalizer(
+            normalizer, modulator_order, modulator_init, modulator_affine, softmax_temperature
+        )
+        self.attn_drop = nn.Dropout(attn_drop)
+        self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
+        self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
+        self.proj_drop = nn.Dropout(proj_drop)
+        self._record: Optional[AttentionRecord] = None  # set only inside record_attention()
+        self._record_scores = False
+        self._record_name = ""
+
+    def forward(
+        self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
+    ) -> torch.Tensor:
+        B, N, C = x.shape
+        qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
+        q, k, v = qkv.unbind(0)
+        q, k = self.q_norm(q), self.k_norm(k)
+        if self._uses_sdpa():
+            out = F.scaled_dot_product_attention(
+                q, k, v,
+                attn_mask=attn_mask,
+                dropout_p=self.attn_drop.p if self.training else 0.0,
+                is_causal=is_causal,
+                scale=self.scale / self.normalizer.temperature,
+            )
+        else:
+            out = self._explicit(q, k, v, _additive_mask(attn_mask, is_causal, N, q))
+        out = out.transpose(1, 2).reshape(B, N, C)
+        return self.proj_drop(self.proj(self.norm(out)))
+
+    def _uses_sdpa(self) -> bool:
+        if self._record is not None or self.normalizer.name != "softmax":
+            return False
+        return self.backend in ("auto", "sdpa")
+
+    def _explicit(
+        self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
+    ) -> torch.Tensor:
+        scores = (q * self.scale) @ k.transpose(-2, -1)
+        probs = self.normalizer(scores, bias)
+        if self._record is not None:
+            self._record.probs.setdefault(self._record_name, []).append(probs.detach())
+            if self._record_scores:
+                self._record.scores.setdefault(self._record_name, []).append(scores.detach())
+        return self.attn_drop(probs).to(v.dtype) @ v
+
+
+def _additive_mask(
+    attn_mask: Optional[torch.Tensor], is_causal: bool, n: int, like: torch.Tensor
+) -> Optional[torch.Tensor]:
+    """A float32 additive mask (0 / -inf) from a boolean (True = keep) or additive mask."""
+    if is_causal:
+        keep = torch.ones(n, n, dtype=torch.bool, device=like.device).tril()
+        attn_mask = keep if attn_mask is None else attn_mask & keep
+    if attn_mask is None:
+        return None
+    if attn_mask.dtype == torch.bool:
+        return torch.zeros(attn_mask.shape, device=like.device).masked_fill(~attn_mask, float("-inf"))
+    return attn_mask.float()
+
+
+@contextlib.contextmanager
+def record_attention(model: nn.Module, scores: bool = False) -> Iterator[AttentionRecord]:
+    """Collect attention probabilities (and optionally the scaled scores) of every
+    ``MultiMaxAttention`` in ``model`` for the forwards run inside the block.
+
+    Recording forces the explicit path (SDPA never materialises the probabilities).
+    """
+    record = AttentionRecord()
+    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiMaxAttention)]
+    for name, layer in layers:
+        layer._record, layer._record_scores, layer._record_name = record, scores, name
+    try:
+        yield record
+    finally:
+        for _, layer in layers:
+            layer._record, layer._record_scores = None, False
+
+
+__all__ = ["MultiMaxAttention", "AttentionRecord", "record_attention", "ATTN_BACKENDS", "NORMALIZERS"]

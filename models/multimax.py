@@ -1,0 +1,252 @@
+"""MultiMax (Zhou, Fritz, Keuper, ICML 2024) and the baseline normalizers it is compared with.
+
+MultiMax(x) = softmax(σ(x)) along the last dim, where σ is the SegLU ("segmented linear unit")
+modulator of order N:
+
+    σ(x) = x + Σ_{n=1..N} [ t_b⁽ⁿ⁾ · max(b⁽ⁿ⁾ − x, 0)ⁿ + t_d⁽ⁿ⁾ · max(x − d⁽ⁿ⁾, 0)ⁿ ]
+
+The learnable scalars are laid out as in checkpoints trained with the paper's code:
+``ranges = [b1, d1, b2, d2, ...]`` and ``ts = [t_b1, t_d1, t_b2, t_d2, ...]``, each of shape (2N,).
+
+All normalizers compute in float32, also under fp16/bf16 autocast (σ squares its input), and
+return the input's dtype.
+"""
+from __future__ import annotations
+
+from typing import Callable, Dict, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+NORMALIZERS = ("softmax", "multimax", "sparsemax", "entmax15", "evsoftmax")
+OUT_NORMALIZERS = ("softmax", "multimax")
+MODULATOR_INITS = ("trunc_normal", "zeros")
+EVSOFTMAX_TRAIN_EPS = 1e-6
+
+
+def seglu(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
+    """The SegLU modulator σ(x), elementwise, any shape. ``ranges``/``ts``: (2N,)."""
+    out = x
+    for n in range(ranges.shape[0] // 2):
+        power = n + 1
+        low = torch.relu(ranges[2 * n] - x)
+        high = torch.relu(x - ranges[2 * n + 1])
+        if power > 1:
+            low, high = low.pow(power), high.pow(power)
+        out = out + ts[2 * n] * low + ts[2 * n + 1] * high
+    return out
+
+
+def _no_autocast(x: torch.Tensor):
+    """Autocast off for x's device: the modulator and the normalisation run in float32."""
+    return torch.autocast(x.device.type, enabled=False)
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Upcast half precision to float32; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _evsoftmax32(x: torch.Tensor, dim: int, training: bool) -> torch.Tensor:
+    below = x < x.mean(dim=dim, keepdim=True)
+    keep = torch.where(below, EVSOFTMAX_TRAIN_EPS if training else 0.0, 1.0)
+    p = torch.softmax(x, dim=dim) * keep
+    return p / p.sum(dim=dim, keepdim=True)
+
+
+def multimax(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """MultiMax: softmax(σ(x)) along ``dim``, computed in float32, returned in x's dtype."""
+    with _no_autocast(x):
+        return torch.softmax(seglu(_f32(x), _f32(ranges), _f32(ts)), dim=dim).to(x.dtype)
+
+
+def softmax(x: torch.Tensor, dim: int = -1, temperature: float = 1.0) -> torch.Tensor:
+    """softmax(x / temperature) in float32."""
+    with _no_autocast(x):
+        return torch.softmax(_f32(x) / temperature, dim=dim).to(x.dtype)
+
+
+def sparsemax(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """Sparsemax (Martins & Astudillo, 2016): Euclidean projection onto the simplex."""
+    from entmax import sparsemax as _sparsemax
+
+    with _no_autocast(x):
+        return _sparsemax(_f32(x), dim=dim).to(x.dtype)
+
+
+def entmax15(x: torch.Tensor, dim: int = -1) -> torch.Tensor:
+    """1.5-entmax (Peters et al., 2019), exact sort-based algorithm from the `entmax` package."""
+    from entmax import entmax15 as _entmax15
+
+    with _no_autocast(x):
+        return _entmax15(_f32(x), dim=dim).to(x.dtype)
+
+
+def evsoftmax(x: torch.Tensor, dim: int = -1, training: bool = False) -> torch.Tensor:
+    """Evidential softmax (Chen et al., 2021): softmax with the entries below the row mean
+    zeroed (multiplied by a small ε while training, so they keep a gradient), renormalised."""
+    with _no_autocast(x):
+        return _evsoftmax32(_f32(x), dim, training).to(x.dtype)
+
+
+class SegLU(nn.Module):
+    """The MultiMax modulator σ of order ``order`` with learnable ``ranges`` and ``ts`` of shape (2N,).
+
+    ``affine=True`` prepends x ↦ scale·x + shift (scale=1, shift=0 at init), the authors'
+    "affine then first-order" variant. Input: any shape; output: same shape and dtype.
+    """
+
+    def __init__(self, order: int = 2, init: str = "trunc_normal", affine: bool = False):
+        super().__init__()
+        if order < 1:
+            raise ValueError(f"SegLU order must be >= 1, got {order}")
+        if init not in MODULATOR_INITS:
+            raise ValueError(f"SegLU init must be one of {MODULATOR_INITS}, got {init!r}")
+        self.order = order
+        self.init = init
+        self.ranges = nn.Parameter(torch.zeros(2 * order))
+        self.ts = nn.Parameter(torch.zeros(2 * order))
+        if affine:
+            self.scale = nn.Parameter(torch.ones(1))
+            self.shift = nn.Parameter(torch.zeros(1))
+        else:
+            self.scale = self.shift = None
+        self.init_weights()
+
+    def init_weights(self) -> None:
+        """Paper init: truncated normal, std 0.02 (σ ≈ identity); `zeros`: σ = identity.
+        (timm's ViT init calls `init_weights` on submodules that have it.)"""
+        with torch.no_grad():
+            for p in (self.ranges, self.ts):
+                if self.init == "trunc_normal":
+                    nn.init.trunc_normal_(p, std=0.02, a=-2.0, b=2.0)
+                else:
+                    p.zero_()
+            if self.scale is not None:
+                self.scale.fill_(1.0)
+                self.shift.zero_()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        with _no_autocast(x):
+            y = _f32(x)
+            if self.scale is not None:
+                y = y * self.scale + self.shift
+            return seglu(y, _f32(self.ranges), _f32(self.ts)).to(x.dtype)
+
+    def extra_repr(self) -> str:
+        return f"order={self.order}, init={self.init}, affine={self.scale is not None}"
+
+
+class Normalizer(nn.Module):
+    """Maps scores (..., L) to a distribution over the last dim, in float32, in the input's dtype.
+
+    ``bias`` is an optional additive mask (0 / -inf), applied after the modulator and before
+    the normalisation, as in the paper (σ acts on the raw scaled logits).
+    """
+
+    name: str = ""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.modulator: Optional[SegLU] = None
+
+    def forward(self, x: torch.Tensor, bias: Optional[torch.Tensor] = None) -> torch.Tensor:
+        with _no_autocast(x):
+            y = _f32(x)
+            if self.modulator is not None:
+                y = self.modulator(y)
+            if bias is not None:
+                y = y + _f32(bias)
+            return self.normalize(y).to(x.dtype)
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        raise NotImplementedError
+
+
+class Softmax(Normalizer):
+    name = "softmax"
+
+    def __init__(self, temperature: float = 1.0):
+        super().__init__()
+        if temperature <= 0:
+            raise ValueError(f"softmax temperature must be > 0, got {temperature}")
+        self.temperature = float(temperature)
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(y / self.temperature, dim=-1)
+
+    def extra_repr(self) -> str:
+        return f"temperature={self.temperature}"
+
+
+class MultiMax(Normalizer):
+    """softmax(σ(x)); the learnable modulator lives at ``.modulator`` (a SegLU)."""
+
+    name = "multimax"
+
+    def __init__(self, order: int = 2, init: str = "trunc_normal", affine: bool = False):
+        super().__init__()
+        self.modulator = SegLU(order, init, affine)
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        return torch.softmax(y, dim=-1)
+
+
+class Sparsemax(Normalizer):
+    name = "sparsemax"
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        from entmax import sparsemax as _sparsemax
+
+        return _sparsemax(y, dim=-1)
+
+
+class Entmax15(Normalizer):
+    name = "entmax15"
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        from entmax import entmax15 as _entmax15
+
+        return _entmax15(y, dim=-1)
+
+
+class EvSoftmax(Normalizer):
+    name = "evsoftmax"
+
+    def normalize(self, y: torch.Tensor) -> torch.Tensor:
+        return _evsoftmax32(y, -1, self.training)
+
+
+_NORMALIZER_CLASSES: Dict[str, Callable[..., Normalizer]] = {
+    "softmax": lambda order, init, affine, temperature: Softmax(temperature),
+    "multimax": lambda order, init, affine, temperature: MultiMax(order, init, affine),
+    "sparsemax": lambda order, init, affine, temperature: Sparsemax(),
+    "entmax15": lambda order, init, affine, temperature: Entmax15(),
+    "evsoftmax": lambda order, init, affine, temperature: EvSoftmax(),
+}
+
+
+def build_normalizer(
+    name: str,
+    order: int = 2,
+    init: str = "trunc_normal",
+    affine: bool = False,
+    temperature: float = 1.0,
+) -> Normalizer:
+    """A normalizer module by name: one of ``NORMALIZERS``."""
+    if name not in _NORMALIZER_CLASSES:
+        raise ValueError(f"unknown normalizer {name!r}; choose one of {', '.join(NORMALIZERS)}")
+    return _NORMALIZER_CLASSES[name](order, init, affine, temperature)
+
+
+def modulators(model: nn.Module) -> Dict[str, SegLU]:
+    """All SegLU modulators of a model by module name (for logging, weight decay, analysis)."""
+    return {name: m for name, m in model.named_modules() if isinstance(m, SegLU)}
+
+
+__all__ = [
+    "NORMALIZERS", "OUT_NORMALIZERS", "MODULATOR_INITS", "seglu", "multimax", "softmax",
+    "sparsemax", "entmax15", "evsoftmax", "SegLU", "Normalizer", "Softmax", "MultiMax",
+    "Sparsemax", "Entmax15", "EvSoftmax", "build_normalizer", "modulators",
+]
