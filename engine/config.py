@@ -1,12 +1,31 @@
-"""Typed run configuration: defaults → YAML file (with `_base_`) → dotted CLI overrides.
+"""Typed run configuration: defaults → YAML file (with ``_base_``) → dotted CLI overrides.
 
-SCHEMA ONLY (loader to be written): the dataclasses below are the contract that
-train.py, eval.py, data/ and engine/ code against.
+The dataclasses are the schema that train.py, eval.py, data/ and engine/ code against.
+``load_config`` starts from their defaults, applies a YAML file (after the files its
+``_base_`` names, recursively; mappings merge key by key), then ``key.sub=value`` overrides,
+and checks every key, type and value range. Mistakes raise ``UserError`` naming the dotted
+key and where it came from (file or command line). ``resolve_config`` adds the derived
+values (global batch, effective lr, git SHA, versions) that the run directory records.
 """
 from __future__ import annotations
 
+import copy
+import dataclasses
+import datetime
+import difflib
+import functools
+import importlib.metadata
+import math
+import os
+import platform
+import subprocess
+import typing
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Optional
+from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+
+import yaml
+
+from .errors import UserError
 
 
 @dataclass
@@ -104,6 +123,7 @@ class TrainConfig:
     plot_modulators: bool = False
     allow_config_change: bool = False
     max_steps_per_epoch: Optional[int] = None  # smoke runs
+    stop_after_epochs: Optional[int] = None    # end this job after N epochs (rerun to resume)
     dist_backend: str = "auto"                 # auto | nccl | gloo
 
 
@@ -113,3 +133,318 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+CLI = "command line"
+Layer = Tuple[str, Dict[str, Any]]  # (where it came from, the mapping it sets)
+
+
+# ---------------------------------------------------------------- public API
+
+def load_config(path: Optional[str], overrides: Iterable[str] = ()) -> Config:
+    """Defaults ← the YAML file at ``path`` (None: defaults only) ← ``key.sub=value`` overrides."""
+    cfg, sources = Config(), {}
+    for source, mapping in (_file_layers(path, (), "") if path else []):
+        _merge(cfg, mapping, "", source, sources)
+    _apply_overrides(cfg, overrides, sources)
+    validate(cfg, sources)
+    return cfg
+
+
+def apply_overrides(cfg: Config, overrides: Iterable[str]) -> Config:
+    """A checked copy of ``cfg`` with ``key.sub=value`` overrides applied (``cfg`` is untouched)."""
+    cfg, sources = copy.deepcopy(cfg), {}
+    _apply_overrides(cfg, overrides, sources)
+    validate(cfg, sources)
+    return cfg
+
+
+def config_from_yaml_text(text: str, source: str = "checkpoint") -> Config:
+    """The Config stored as YAML text (in a checkpoint); ``source`` names it in errors."""
+    cfg, sources = Config(), {}
+    for layer_source, mapping in _layers(_parse_yaml(text, source), source, os.getcwd(), ()):
+        _merge(cfg, mapping, "", layer_source, sources)
+    validate(cfg, sources)
+    return cfg
+
+
+def config_to_dict(cfg: Config) -> Dict[str, Any]:
+    """Nested plain dict (sections → fields), a deep copy."""
+    return dataclasses.asdict(cfg)
+
+
+def dump_config(cfg: Config) -> str:
+    """YAML text that ``load_config``/``config_from_yaml_text`` read back to an equal Config."""
+    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+
+
+def global_batch(cfg: Config, world_size: int) -> int:
+    """Images per optimizer step: per-process batch × processes × accumulation steps."""
+    return cfg.data.batch_size * world_size * cfg.train.accum_steps
+
+
+def effective_lr(cfg: Config, world_size: int) -> float:
+    """The peak lr: ``optim.lr`` scaled linearly by global_batch / lr_base_batch (DeiT) if scale_lr."""
+    if not cfg.optim.scale_lr:
+        return cfg.optim.lr
+    return cfg.optim.lr * global_batch(cfg, world_size) / cfg.optim.lr_base_batch
+
+
+def resolve_config(cfg: Config, world_size: int) -> Dict[str, Any]:
+    """The config plus a ``resolved`` section of derived facts, as written to the run directory."""
+    out = config_to_dict(cfg)
+    out["resolved"] = {
+        "world_size": world_size,
+        "global_batch": global_batch(cfg, world_size),
+        "effective_lr": effective_lr(cfg, world_size),
+        "git_sha": _git_sha(),
+        "versions": {"python": platform.python_version(),
+                     **{name: _version(name) for name in ("torch", "torchvision", "timm", "numpy")}},
+        "time": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+    }
+    return out
+
+
+# ---------------------------------------------------------------- reading YAML
+
+def _parse_yaml(text: str, source: str) -> Dict[str, Any]:
+    """The top-level mapping of a YAML document; a ``resolved`` section (derived values in a
+    run directory's config.yaml) is dropped so such a file can be read back."""
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        where = f"{source}, line {mark.line + 1}" if mark is not None else source
+        problem = getattr(e, "problem", None) or str(e).splitlines()[0]
+        raise UserError(f"{where}: malformed YAML: {problem}") from None
+    if data is None:
+        return {}
+    if not isinstance(data, dict):
+        raise UserError(f"{source}: the top level must be a mapping of sections "
+                        f"(model, data, optim, train), got {type(data).__name__}")
+    data.pop("resolved", None)
+    return data
+
+
+def _file_layers(path: str, stack: Tuple[str, ...], included_by: str) -> List[Layer]:
+    """The layers of the file at ``path``: its bases' layers (in order), then its own."""
+    real = os.path.realpath(path)
+    if real in stack:
+        chain = " -> ".join([*stack[stack.index(real):], real])
+        raise UserError(f"_base_ cycle: {chain}")
+    where = f" (_base_ of {included_by})" if included_by else ""
+    try:
+        with open(path) as f:
+            text = f.read()
+    except FileNotFoundError:
+        raise UserError(f"config file not found: {path}{where}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read config file {path}{where}: {getattr(e, 'strerror', None) or e}") from None
+    return _layers(_parse_yaml(text, path), path, os.path.dirname(path), (*stack, real))
+
+
+def _layers(mapping: Dict[str, Any], source: str, base_dir: str, stack: Tuple[str, ...]) -> List[Layer]:
+    """Expand ``_base_`` (a path or list of paths relative to ``base_dir``) ahead of ``mapping``."""
+    bases = mapping.pop("_base_", [])
+    bases = [bases] if isinstance(bases, str) else bases
+    if not isinstance(bases, list) or not all(isinstance(b, str) and b for b in bases):
+        raise UserError(f"{source}: _base_ must be a path or a list of paths, got {bases!r}")
+    layers: List[Layer] = []
+    for base in bases:
+        layers += _file_layers(os.path.join(base_dir, os.path.expanduser(base)), stack, source)
+    return layers + [(source, mapping)]
+
+
+def _apply_overrides(cfg: Config, overrides: Iterable[str], sources: Dict[str, str]) -> None:
+    for item in overrides:
+        key, sep, text = item.partition("=")
+        key = key.strip()
+        if not sep or not key:
+            raise UserError(f"override {item!r} must look like key=value (e.g. optim.lr=1e-3)")
+        try:  # YAML gives numbers, true/false, null and [lists]; "key=" means the empty string
+            value = yaml.safe_load(text) if text.strip() else ""
+        except yaml.YAMLError:
+            value = text  # e.g. a path with an unbalanced bracket: take it verbatim
+        for part in reversed(key.split(".")):
+            value = {part: value}
+        _merge(cfg, value, "", CLI, sources)
+
+
+# ---------------------------------------------------------------- keys and types
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+@functools.lru_cache(maxsize=None)
+def _all_keys(cls: type = Config, prefix: str = "") -> Tuple[str, ...]:
+    """Every dotted key of the schema, sections included."""
+    keys: List[str] = []
+    for f in dataclasses.fields(cls):
+        keys.append(prefix + f.name)
+        if dataclasses.is_dataclass(_hints(cls)[f.name]):
+            keys += _all_keys(_hints(cls)[f.name], f"{prefix}{f.name}.")
+    return tuple(keys)
+
+
+def _merge(node: Any, mapping: Dict[str, Any], prefix: str, source: str, sources: Dict[str, str]) -> None:
+    """Write ``mapping`` onto the dataclass ``node`` key by key (sub-mappings merge), checking
+    names and types, and note in ``sources`` where each dotted key was last set."""
+    hints = _hints(type(node))
+    for key, value in mapping.items():
+        dotted = f"{prefix}{key}"
+        if key not in hints:
+            leaf = dotted.rsplit(".", 1)[-1]  # right name in the wrong section?
+            guess = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf] or \
+                difflib.get_close_matches(dotted, _all_keys(), n=1)
+            hint = f"; did you mean '{guess[0]}'?" if guess else ""
+            raise UserError(f"{source}: unknown key '{dotted}'{hint}")
+        current = getattr(node, key)
+        if dataclasses.is_dataclass(current):
+            if not isinstance(value, dict):
+                raise UserError(f"{source}: {dotted} must be a mapping of its fields, got {value!r}")
+            _merge(current, value, dotted + ".", source, sources)
+            continue
+        try:
+            setattr(node, key, _convert(value, hints[key], current))
+        except TypeError:
+            raise UserError(f"{source}: {dotted} expects {_type_name(hints[key])}, got {value!r}") from None
+        sources[dotted] = source
+
+
+def _convert(value: Any, tp: Any, current: Any = None) -> Any:
+    """``value`` as schema type ``tp`` (mappings merge into ``current``); TypeError if it is not one.
+    Ints pass as floats, and so do numeric strings: PyYAML reads ``5e-4`` (no dot) as a string."""
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:  # Optional[X]
+        return None if value is None else _convert(value, next(a for a in args if a is not type(None)))
+    if tp is Any:
+        return value
+    if origin is dict and isinstance(value, dict) and all(isinstance(k, str) for k in value):
+        return _deep_merge(current or {}, value)
+    if origin is list and isinstance(value, (list, tuple)):
+        return [_convert(v, args[0]) for v in value]
+    if tp is float and isinstance(value, (int, float, str)) and not isinstance(value, bool):
+        try:
+            number = float(value)
+        except ValueError:
+            raise TypeError from None
+        if math.isfinite(number):
+            return number
+    if tp in (int, str, bool) and type(value) is tp:  # no bool-as-int, no int-as-str
+        return value
+    raise TypeError
+
+
+def _deep_merge(base: Dict[str, Any], update: Dict[str, Any]) -> Dict[str, Any]:
+    out = dict(base)
+    for k, v in update.items():
+        out[k] = _deep_merge(out[k], v) if isinstance(v, dict) and isinstance(out.get(k), dict) else v
+    return out
+
+
+_TYPE_NAMES = {int: "an integer", float: "a finite number", str: "a string", bool: "true or false"}
+
+
+def _type_name(tp: Any) -> str:
+    origin, args = typing.get_origin(tp), typing.get_args(tp)
+    if origin is typing.Union:
+        return f"{_type_name(next(a for a in args if a is not type(None)))} or null"
+    if origin is list:
+        return f"a list ({_type_name(args[0])} each)"
+    return "a mapping" if origin is dict else _TYPE_NAMES.get(tp, str(tp))
+
+
+# ---------------------------------------------------------------- value ranges
+
+_CHOICES: Dict[str, Tuple[str, ...]] = {
+    "model.attn_normalizer": ("softmax", "multimax", "sparsemax", "entmax15", "evsoftmax"),
+    "model.out_normalizer": ("softmax", "multimax"),
+    "model.modulator_init": ("trunc_normal", "zeros"),
+    "model.attn_backend": ("auto", "sdpa", "explicit", "flex", "chunked"),
+    "data.train_transform": ("deit", "light", "none"),
+    "data.interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"),
+    "data.remode": ("pixel", "rand", "const"),  # timm's RandomErasing modes
+    "data.mixup_mode": ("batch", "pair", "elem"),  # timm's Mixup modes
+    "data.bad_images": ("error", "skip"),
+    "optim.opt": ("adamw",),
+    "optim.sched": ("cosine", "constant"),
+    "train.device": ("auto", "cpu", "cuda"),
+    "train.amp": ("none", "bf16", "fp16"),
+    "train.nonfinite": ("stop", "skip"),
+    "train.dist_backend": ("auto", "nccl", "gloo"),
+}
+
+Rule = Tuple[str, Callable[[Any], bool]]
+_POSITIVE: Rule = ("> 0", lambda v: v > 0)
+_AT_LEAST_1: Rule = (">= 1", lambda v: v >= 1)
+_NON_NEGATIVE: Rule = (">= 0", lambda v: v >= 0)
+_PROBABILITY: Rule = ("in [0, 1]", lambda v: 0 <= v <= 1)
+_NOT_EMPTY: Rule = ("not empty", lambda v: len(v) > 0)
+_RANGES: Dict[str, Rule] = {
+    **dict.fromkeys(["model.name", "data.dataset", "train.output_dir", "train.resume"], _NOT_EMPTY),
+    **dict.fromkeys(["optim.lr", "optim.eps", "optim.clip_grad", "model.softmax_temperature"], _POSITIVE),
+    **dict.fromkeys(["model.modulator_order", "model.num_classes", "model.img_size", "model.patch_size",
+                     "model.in_chans", "data.batch_size", "data.eval_batch_size", "data.recount",
+                     "data.repeated_aug", "data.max_train_samples", "data.max_val_samples",
+                     "optim.lr_base_batch", "train.epochs", "train.accum_steps", "train.eval_every",
+                     "train.log_every", "train.max_steps_per_epoch", "train.stop_after_epochs"], _AT_LEAST_1),
+    **dict.fromkeys(["data.workers", "data.color_jitter", "data.mixup", "data.cutmix", "optim.weight_decay",
+                     "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "train.keep_top_k"],
+                    _NON_NEGATIVE),
+    **dict.fromkeys(["model.drop_rate", "model.drop_path_rate", "data.hflip", "data.reprob",
+                     "data.mixup_prob", "data.mixup_switch_prob"], _PROBABILITY),
+    "data.crop_pct": ("in (0, 1]", lambda v: 0 < v <= 1),
+    "data.smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "train.ema_decay": ("in [0, 1)", lambda v: 0 <= v < 1),
+    "optim.betas": ("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
+    "data.scale": ("[min, max] with 0 < min <= max <= 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1),
+    "data.cutmix_minmax": ("[min, max] with 0 < min <= max <= 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1),
+    "data.ratio": ("[min, max] with 0 < min <= max", lambda v: len(v) == 2 and 0 < v[0] <= v[1]),
+    "data.mean": _NOT_EMPTY,
+    "data.std": ("a list of numbers > 0", lambda v: len(v) > 0 and all(s > 0 for s in v)),
+}
+
+
+def validate(cfg: Config, sources: Optional[Dict[str, str]] = None) -> None:
+    """Check value ranges and choices; the UserError names the key, its value, what is allowed
+    and (from ``sources``, dotted key → file or command line) where the value was set."""
+    flat = {f"{s}.{k}": v for s, section in config_to_dict(cfg).items() for k, v in section.items()}
+    sources = sources or {}
+
+    def where(key: str) -> str:
+        source = sources.get(key)
+        return " (the default)" if source is None else " (set on the command line)" if source == CLI \
+            else f" (set in {source})"
+
+    for key, choices in _CHOICES.items():
+        if flat[key] not in choices:
+            close = difflib.get_close_matches(str(flat[key]), choices, n=1)
+            hint = f"; did you mean '{close[0]}'?" if close else ""
+            raise UserError(f"{key} = {flat[key]!r} is not one of {' | '.join(choices)}{hint}{where(key)}")
+    for key, (allowed, ok) in _RANGES.items():
+        if flat[key] is not None and not ok(flat[key]):
+            raise UserError(f"{key} = {flat[key]!r} is out of range: must be {allowed}{where(key)}")
+    if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
+        raise UserError(f"data.mean and data.std need one value per channel each, got {cfg.data.mean} "
+                        f"and {cfg.data.std}{where('data.std')}")
+
+
+# ---------------------------------------------------------------- provenance
+
+def _git_sha() -> str:
+    """HEAD of the repository holding this file, or "unknown" (no git, not a checkout)."""
+    try:
+        done = subprocess.run(["git", "rev-parse", "HEAD"], cwd=os.path.dirname(os.path.abspath(__file__)),
+                              capture_output=True, text=True, timeout=10)
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+    return done.stdout.strip() if done.returncode == 0 and done.stdout.strip() else "unknown"
+
+
+def _version(package: str) -> str:
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return "not installed"

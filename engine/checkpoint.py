@@ -1,0 +1,485 @@
+"""Checkpoints that survive crashes and never execute code when loaded.
+
+Format (DESIGN §4): a plain dict with ``model``, ``model_ema`` (or None), ``optimizer``,
+``scaler`` (or None), ``epoch``, ``step``, ``best`` ({"metric", "value", "epoch"}), ``rng``,
+``config`` (YAML text) and ``format_version``; every leaf is a tensor or a plain python value,
+so ``torch.load(path, weights_only=True)`` reads it.
+
+Writes are atomic: a temp file in the same directory, fsync, ``os.replace``, fsync of the
+directory. A crash or a full disk at any moment leaves the previous file whole.
+
+Run directory layout kept by ``CheckpointManager``::
+
+    last.pth                     every epoch (the resume point)
+    best.pth                     the epoch with the best metric so far
+    checkpoint-epoch0007.pth     the top-k epochs by metric
+    topk.json                    metric of every epoch, best entry, top-k list (rebuilds the manager on resume)
+
+best/top-k files are hard links to the ``last.pth`` written in the same call when the file
+system allows it (no extra I/O or space), else byte copies.
+"""
+from __future__ import annotations
+
+import collections
+import json
+import math
+import os
+import pickle
+import random
+import re
+import shutil
+import warnings
+from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
+
+import numpy as np
+import torch
+
+from .errors import UserError
+
+FORMAT_VERSION = 1
+LAST = "last.pth"
+BEST = "best.pth"
+INDEX = "topk.json"
+_EPOCH_RE = re.compile(r"^checkpoint-epoch(\d+)\.pth$")
+_TMP_RE = re.compile(r"^\.(.+)\.tmp-(\d+)$")
+
+PathLike = Union[str, "os.PathLike[str]"]
+
+
+def epoch_filename(epoch: int) -> str:
+    return f"checkpoint-epoch{epoch:04d}.pth"
+
+
+# ---------------------------------------------------------------- RNG state
+
+def capture_rng_state() -> Dict[str, Any]:
+    """python, numpy, torch CPU (and CUDA, when available) generator states, as tensors and
+    plain values only (``weights_only``-loadable)."""
+    version, internal, gauss_next = random.getstate()
+    name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
+    return {
+        "python": {"version": int(version), "state": [int(x) for x in internal], "gauss_next": gauss_next},
+        "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
+                  "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
+        "torch": torch.get_rng_state(),
+        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+    }
+
+
+def restore_rng_state(state: Dict[str, Any]) -> None:
+    """Inverse of ``capture_rng_state``: later draws equal the draws after the capture. Parts
+    missing from ``state`` are left alone; CUDA states are restored for the GPUs present."""
+    if "python" in state:
+        py = state["python"]
+        random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
+    if "numpy" in state:
+        npy = state["numpy"]
+        keys = npy["keys"].cpu().numpy().astype(np.uint32)
+        np.random.set_state((npy["bit_generator"], keys, npy["pos"], npy["has_gauss"], npy["cached_gaussian"]))
+    if "torch" in state:
+        torch.set_rng_state(state["torch"].cpu())
+    cuda_states = state.get("cuda") or []
+    if cuda_states and torch.cuda.is_available():
+        for i in range(min(len(cuda_states), torch.cuda.device_count())):
+            torch.cuda.set_rng_state(cuda_states[i].cpu(), i)
+
+
+# ---------------------------------------------------------------- atomic writes
+
+_PLAIN = (str, bytes, int, float, bool, complex, type(None), torch.dtype, torch.device)
+
+
+def check_plain(obj: Any, where: str = "state") -> None:
+    """Raise TypeError naming the entry if ``obj`` holds anything ``weights_only`` loading
+    refuses (numpy arrays/scalars, custom classes, ...). A bug caught here costs nothing;
+    caught at resume time it costs the checkpoint."""
+    if isinstance(obj, torch.Tensor) or type(obj) in _PLAIN:
+        return
+    if type(obj) in (dict, collections.OrderedDict):
+        for k, v in obj.items():
+            check_plain(k, f"{where} key")
+            check_plain(v, f"{where}[{k!r}]")
+        return
+    if type(obj) in (list, tuple, set, torch.Size):
+        for i, v in enumerate(obj):
+            check_plain(v, f"{where}[{i}]")
+        return
+    raise TypeError(f"checkpoint entry {where} is a {type(obj).__module__}.{type(obj).__qualname__}; "
+                    "only tensors and plain python values load with weights_only=True")
+
+
+class _Sink:
+    """File wrapper for ``torch.save`` that remembers the OS error of a failed write (torch
+    reports it as an opaque RuntimeError otherwise)."""
+
+    def __init__(self, f: BinaryIO):
+        self.f = f
+        self.error: Optional[OSError] = None
+
+    def write(self, data) -> int:
+        try:
+            return self.f.write(data)
+        except OSError as e:
+            self.error = e
+            raise
+
+    def flush(self) -> None:
+        self.f.flush()
+
+
+def _tmp_path(path: str) -> str:
+    d, name = os.path.split(path)
+    return os.path.join(d, f".{name}.tmp-{os.getpid()}")
+
+
+def _remove_quietly(path: str) -> None:
+    try:
+        os.remove(path)
+    except OSError:
+        pass
+
+
+def _fsync_dir(directory: str) -> None:
+    """Make a rename durable; some file systems cannot fsync a directory, which is fine."""
+    try:
+        fd = os.open(directory or ".", os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: str, e: OSError) -> UserError:
+    reason = e.strerror or str(e)
+    return UserError(f"cannot write {path}: {reason} (is the disk full or the directory read-only?); "
+                     f"any previous {os.path.basename(path)} is left intact")
+
+
+def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
+    """Run ``write(file)`` into a temp file next to ``path``, fsync it, rename it onto ``path``.
+    On failure the temp file is removed, ``path`` keeps its old content, and an OSError becomes
+    a UserError naming ``path`` and the OS reason."""
+    path = os.path.abspath(path)
+    tmp = _tmp_path(path)
+    try:
+        _remove_quietly(tmp)  # a stale temp may be a hard link to a live file: never write through it
+        with open(tmp, "wb") as f:
+            write(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _write_error(path, e) from None
+    except BaseException:
+        _remove_quietly(tmp)
+        raise
+    _fsync_dir(os.path.dirname(path))
+
+
+def save_checkpoint(state: Dict[str, Any], path: PathLike) -> None:
+    """Write ``state`` to ``path`` atomically (see module doc); raises TypeError before writing
+    anything if ``state`` would not load with ``weights_only=True``."""
+    check_plain(state)
+    path = os.fspath(path)
+
+    def write(f: BinaryIO) -> None:
+        sink = _Sink(f)
+        try:
+            torch.save(state, sink)
+        except RuntimeError:
+            if sink.error is not None:
+                raise sink.error from None
+            raise
+
+    _atomic_write(path, write)
+
+
+def _write_json(path: str, obj: Any) -> None:
+    data = json.dumps(obj, indent=1, sort_keys=True).encode()
+    _atomic_write(path, lambda f: f.write(data))
+
+
+def _replicate(src: str, dst: str) -> None:
+    """Make ``dst`` hold ``src``'s bytes, atomically: a hard link when the file system allows,
+    else a copy."""
+    tmp = _tmp_path(os.path.abspath(dst))
+    _remove_quietly(tmp)
+    try:
+        os.link(src, tmp)
+    except OSError:
+        def copy(f: BinaryIO) -> None:
+            with open(src, "rb") as s:
+                shutil.copyfileobj(s, f, 16 << 20)
+        _atomic_write(dst, copy)
+        return
+    try:
+        os.replace(tmp, dst)
+    except OSError as e:
+        _remove_quietly(tmp)
+        raise _write_error(dst, e) from None
+    _fsync_dir(os.path.dirname(os.path.abspath(dst)))
+
+
+# ---------------------------------------------------------------- loading
+
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip().splitlines()
+    return (text[0] if text else type(e).__name__)[:200]
+
+
+def _load_safetensors(path: str, map_location: Any) -> Dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
+    out: Dict[str, Any] = {"model": state_dict}
+    if "config" in metadata:
+        out["config"] = metadata["config"]
+    return out
+
+
+def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+    """Load a ``.pth``/``.pt`` checkpoint with ``torch.load(weights_only=True)``, or a
+    ``.safetensors`` file as ``{"model": state_dict[, "config": metadata["config"]]}``.
+    ``mmap`` maps tensors lazily (cheap inspection of a big file). Every failure is a one-line
+    UserError naming the path: missing, truncated/corrupt, or holding pickled objects."""
+    path = os.fspath(path)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a file")
+    if path.endswith(".safetensors"):
+        return _load_safetensors(path, map_location)
+    try:
+        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        # a refused class/function means real pickled objects; an odd opcode means junk bytes
+        if refused or re.search(r"Unsupported (global|class)|unrecognized function|Can only build", str(e)):
+            what = f" ({refused.group(1)})" if refused else ""
+            raise UserError(f"{path} contains pickled Python objects{what}; refusing to execute them — "
+                            "re-save it with plain tensors (scripts/export.py)") from None
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):  # legacy (non-zip) format: read it whole
+            return load_checkpoint(path, map_location)
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
+    except (EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _probe(path: str) -> Tuple[Optional[Dict[str, Any]], str]:
+    """(mmap-loaded checkpoint, "") if ``path`` loads, else (None, the reason)."""
+    try:
+        return load_checkpoint(path, mmap=True), ""
+    except UserError as e:
+        return None, str(e)
+
+
+# ---------------------------------------------------------------- run directory
+
+class CheckpointManager:
+    """Keeps ``last.pth``, ``best.pth`` and the top-k epoch checkpoints of one run directory.
+
+    Only the main rank writes (``is_main``); on the others every method is a no-op. The metric
+    of every epoch, the best entry and the top-k list live in ``topk.json``, so a manager built
+    on a resumed run directory continues the same ranking. Epoch files whose metric is not in
+    ``topk.json`` (e.g. copied in by hand) are never deleted."""
+
+    def __init__(self, run_dir: PathLike, keep_top_k: int, metric: str = "val_top1", mode: str = "max",
+                 is_main: bool = True):
+        if mode not in ("max", "min"):
+            raise UserError(f"checkpoint metric mode must be 'max' or 'min', got {mode!r}")
+        if not isinstance(keep_top_k, int) or keep_top_k < 0:
+            raise UserError(f"train.keep_top_k must be an integer >= 0, got {keep_top_k!r}")
+        self.run_dir = os.fspath(run_dir)
+        self.keep_top_k = keep_top_k
+        self.metric = metric
+        self.mode = mode
+        self.is_main = is_main
+        self.history: Dict[int, float] = {}  # epoch -> metric value
+        self.best: Optional[Dict[str, Any]] = None
+        if is_main:
+            self._read_index()
+            self._remove_stale_temps()
+
+    # -- persistence
+    def _index_path(self) -> str:
+        return os.path.join(self.run_dir, INDEX)
+
+    def _read_index(self) -> None:
+        path = self._index_path()
+        if not os.path.isfile(path):
+            return
+        try:
+            with open(path) as f:
+                index = json.load(f)
+            if index.get("metric") != self.metric or index.get("mode") != self.mode:
+                warnings.warn(f"{path} ranks by {index.get('metric')} ({index.get('mode')}), not {self.metric} "
+                              f"({self.mode}); starting a new ranking (existing epoch files are kept)")
+                return
+            self.history = {int(k): float(v) for k, v in index["history"].items()}
+            self.best = index.get("best")
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
+            self.history, self.best = {}, None
+            warnings.warn(f"{path} is unreadable ({_first_line(e)}); starting a new top-k ranking "
+                          "(existing epoch files are kept)")
+
+    def _write_index(self) -> None:
+        _write_json(self._index_path(), {
+            "metric": self.metric, "mode": self.mode, "best": self.best, "top_k": self.top_k_epochs(),
+            "history": {str(e): v for e, v in sorted(self.history.items())},
+        })
+
+    def _remove_stale_temps(self) -> None:
+        """Temp files of writers killed mid-write (e.g. ``kill -9``) would fill the disk."""
+        if not os.path.isdir(self.run_dir):
+            return
+        for name in os.listdir(self.run_dir):
+            m = _TMP_RE.match(name)
+            if m and not _pid_alive(int(m.group(2))):
+                _remove_quietly(os.path.join(self.run_dir, name))
+
+    # -- ranking
+    def _better(self, a: float, b: float) -> bool:
+        return a > b if self.mode == "max" else a < b
+
+    def top_k_epochs(self) -> List[int]:
+        """Epochs in the top k by metric, best first (a newer epoch wins a tie)."""
+        sign = 1.0 if self.mode == "max" else -1.0
+        ranked = sorted(self.history.items(), key=lambda ev: (sign * ev[1], ev[0]), reverse=True)
+        return [e for e, _ in ranked[: self.keep_top_k]]
+
+    def _prior_best(self, state: Dict[str, Any], epoch: int) -> Optional[Dict[str, Any]]:
+        """The best of earlier epochs, from ``topk.json`` or from the resumed state (the better one:
+        a crash between writing last.pth and topk.json leaves the newer best only in the state)."""
+        found = None
+        for cand in (self.best, state.get("best")):
+            if (isinstance(cand, dict) and cand.get("metric") == self.metric and cand.get("value") is not None
+                    and cand.get("epoch") is not None and cand["epoch"] < epoch
+                    and (found is None or self._better(cand["value"], found["value"]))):
+                found = dict(cand)
+        return found
+
+    # -- public
+    def save(self, state: Dict[str, Any], epoch: int, metric_value: Optional[float] = None) -> None:
+        """Write ``last.pth``; ``best.pth`` if ``metric_value`` beats the best so far (``state["best"]``
+        is set to the new best first); ``checkpoint-epoch{E:04d}.pth`` if the epoch is in the top k,
+        deleting the ones that drop out. ``metric_value`` None (no eval this epoch) writes only
+        ``last.pth``. Epochs after ``epoch`` (a run rewound to an older checkpoint) are forgotten."""
+        if not self.is_main:
+            return
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"cannot create run dir {self.run_dir}: {e.strerror or e}") from None
+        if metric_value is not None and not math.isfinite(metric_value):
+            metric_value = None  # a NaN metric cannot be ranked
+        prior = self._prior_best(state, epoch)
+        improved = metric_value is not None and (prior is None or self._better(float(metric_value), prior["value"]))
+        best = {"metric": self.metric, "value": float(metric_value), "epoch": int(epoch)} if improved else prior
+        if best is not None:
+            state["best"] = dict(best)
+
+        last = os.path.join(self.run_dir, LAST)
+        save_checkpoint(state, last)
+        if improved:
+            _replicate(last, os.path.join(self.run_dir, BEST))
+        self.best = best
+        stale = sorted(e for e in self.history if e > epoch)
+        for e in stale:
+            del self.history[e]
+        if metric_value is None and not stale:
+            return
+        if metric_value is not None:
+            self.history[int(epoch)] = float(metric_value)
+        keep = set(self.top_k_epochs())
+        # index first: a crash before the file is written costs one missing file, never an
+        # epoch file that no ranking knows about
+        self._write_index()
+        if epoch in keep and metric_value is not None:
+            _replicate(last, os.path.join(self.run_dir, epoch_filename(epoch)))
+        self._delete_unkept(keep, stale)
+
+    def _delete_unkept(self, keep: set, stale: List[int]) -> None:
+        """Remove epoch files of forgotten epochs and, with top-k on, of ranked epochs outside it."""
+        for name in os.listdir(self.run_dir):
+            m = _EPOCH_RE.match(name)
+            if not m:
+                continue
+            e = int(m.group(1))
+            if e in stale or (self.keep_top_k > 0 and e in self.history and e not in keep):
+                _remove_quietly(os.path.join(self.run_dir, name))
+
+    def latest(self) -> Optional[str]:
+        """Path of ``last.pth`` if it exists."""
+        path = os.path.join(self.run_dir, LAST)
+        return path if os.path.isfile(path) else None
+
+
+def _pid_alive(pid: int) -> bool:
+    if pid == os.getpid():
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def find_resume_checkpoint(resume: str, run_dir: PathLike) -> Optional[str]:
+    """Which checkpoint ``train.resume`` means.
+
+    ``none`` → None. A path → that file (a directory means its ``last.pth``); it must exist.
+    ``auto`` → ``run_dir/last.pth`` if it loads; if it is missing or unreadable, the newest
+    loadable ``checkpoint-epoch*.pth``/``best.pth`` with a warning; None for a fresh run dir.
+    An unreadable ``last.pth`` with nothing to fall back on is a UserError (restarting from
+    scratch silently would overwrite the run)."""
+    if resume == "none":
+        return None
+    if resume != "auto":
+        path = os.path.join(resume, LAST) if os.path.isdir(resume) else resume
+        if not os.path.isfile(path):
+            raise UserError(f"train.resume: {path} does not exist (use auto, none or a checkpoint path)")
+        return path
+    run_dir = os.fspath(run_dir)
+    last = os.path.join(run_dir, LAST)
+    if os.path.isfile(last):
+        ckpt, problem = _probe(last)
+        if ckpt is not None:
+            return last
+    else:
+        problem = f"{last} is missing"
+    if not os.path.isdir(run_dir):
+        return None
+    found: List[Tuple[int, str]] = []
+    for name in os.listdir(run_dir):
+        if _EPOCH_RE.match(name) or name == BEST:
+            ckpt, _ = _probe(os.path.join(run_dir, name))
+            if ckpt is not None and isinstance(ckpt.get("epoch"), int):
+                found.append((ckpt["epoch"], os.path.join(run_dir, name)))
+    if not found:
+        if os.path.isfile(last):
+            raise UserError(f"{problem}; no other checkpoint in {run_dir} loads. Move the run dir away or pass "
+                            "train.resume=none to start over")
+        return None
+    epoch, path = max(found)
+    warnings.warn(f"{problem}; resuming from {path} (epoch {epoch}) instead")
+    return path

@@ -1,0 +1,151 @@
+"""Run logging: console progress, ``log.jsonl`` (one line per epoch), ``summary.csv``, TensorBoard.
+
+Only the main process writes; on other ranks every method is a no-op.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import os
+import sys
+import time
+from typing import Any, Dict, Iterable, Optional
+
+import torch.nn as nn
+
+
+def console(msg: str, is_main: bool = True) -> None:
+    if is_main:
+        print(msg, flush=True)
+
+
+class Progress:
+    """Progress of one epoch with ETA and img/s: a live bar on a TTY, a line every
+    ``every`` steps otherwise (logs of batch jobs stay readable)."""
+
+    def __init__(self, total: int, desc: str, every: int, is_main: bool):
+        self.total, self.desc, self.every, self.is_main = total, desc, max(1, every), is_main
+        self.tty = is_main and sys.stdout.isatty()
+        self.start = time.perf_counter()
+        self.images = 0
+
+    def update(self, step: int, images: int, **metrics: float) -> None:
+        """``step``: 1-based step within the epoch; ``images``: images processed in this step (all ranks)."""
+        self.images += images
+        if not self.is_main or not (self.tty or step % self.every == 0 or step == self.total):
+            return
+        elapsed = time.perf_counter() - self.start
+        rate = self.images / elapsed if elapsed > 0 else 0.0
+        eta = elapsed / step * (self.total - step)
+        stats = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
+        line = f"{self.desc} {step}/{self.total} {stats} {rate:.0f} img/s eta {_hms(eta)}"
+        if self.tty:
+            filled = int(20 * step / max(1, self.total))
+            print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {line}", end="\n" if step == self.total else "", flush=True)
+        else:
+            print(line, flush=True)
+
+    @property
+    def images_per_second(self) -> float:
+        elapsed = time.perf_counter() - self.start
+        return self.images / elapsed if elapsed > 0 else 0.0
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(max(0, seconds))
+    return f"{seconds // 3600:d}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
+class RunLogger:
+    """Writes the run directory's logs. ``log_epoch`` appends one JSON line and rewrites
+    ``summary.csv``; scalars and modulator parameters also go to TensorBoard."""
+
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool = True):
+        self.run_dir, self.is_main = run_dir, is_main
+        self.jsonl = os.path.join(run_dir, "log.jsonl")
+        self.csv = os.path.join(run_dir, "summary.csv")
+        self.tb = None
+        if is_main and tensorboard:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+
+    def log_epoch(self, record: Dict[str, Any], step: int) -> None:
+        if not self.is_main:
+            return
+        with open(self.jsonl, "a") as f:
+            f.write(json.dumps(record) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        self._write_summary()
+        self.scalars({f"epoch/{k}": v for k, v in record.items() if k != "epoch"}, step)
+
+    def _write_summary(self) -> None:
+        rows = read_jsonl(self.jsonl)
+        fields = list(dict.fromkeys(k for r in rows for k in r))
+        buf = io.StringIO()
+        writer = csv.DictWriter(buf, fieldnames=fields)
+        writer.writeheader()
+        writer.writerows(rows)
+        tmp = self.csv + ".tmp"
+        with open(tmp, "w", newline="") as f:
+            f.write(buf.getvalue())
+        os.replace(tmp, self.csv)
+
+    def scalars(self, values: Dict[str, Any], step: int) -> None:
+        if self.tb is None:
+            return
+        for k, v in values.items():
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                self.tb.add_scalar(k, v, step)
+
+    def modulators(self, mods: Dict[str, nn.Module], step: int, figure: bool = False) -> None:
+        """Every SegLU's ``ranges``/``ts`` entries as scalars (and optionally σ curves as a figure)."""
+        if self.tb is None or not mods:
+            return
+        for name, mod in mods.items():
+            for pname in ("ranges", "ts"):
+                for i, v in enumerate(getattr(mod, pname).detach().float().cpu().tolist()):
+                    self.tb.add_scalar(f"modulators/{name}/{pname}[{i}]", v, step)
+        if figure:
+            from .plots import modulator_figure
+
+            curves = {n: (m.ranges.detach().cpu(), m.ts.detach().cpu()) for n, m in mods.items()}
+            self.tb.add_figure("modulators/curves", modulator_figure(curves), step)
+
+    def text(self, tag: str, text: str) -> None:
+        if self.tb is not None:
+            self.tb.add_text(tag, text)
+
+    def close(self) -> None:
+        if self.tb is not None:
+            self.tb.close()
+
+
+def read_jsonl(path: str) -> list:
+    """The records of a ``log.jsonl``; a last line cut by a crash is ignored."""
+    if not os.path.exists(path):
+        return []
+    rows = []
+    with open(path) as f:
+        for line in f:
+            try:
+                rows.append(json.loads(line))
+            except json.JSONDecodeError:
+                continue
+    return rows
+
+
+def truncate_jsonl(path: str, last_epoch: int) -> None:
+    """On resume, drop the records of epochs after the checkpoint (they will be redone)."""
+    rows = [r for r in read_jsonl(path) if r.get("epoch", -1) <= last_epoch]
+    tmp = path + ".tmp"
+    with open(tmp, "w") as f:
+        f.writelines(json.dumps(r) + "\n" for r in rows)
+    os.replace(tmp, path)
+
+
+def format_metrics(values: Iterable) -> str:
+    return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values)

@@ -1,0 +1,93 @@
+"""AdamW with DeiT's parameter groups, and the learning rate as a pure function of the step.
+
+Weight decay applies to matrices and convolution kernels only: every 1-D parameter (biases,
+LayerNorm scales, every SegLU ``ranges``/``ts``) and the names the model lists in
+``no_weight_decay()`` (``pos_embed``) go to the no-decay group.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Dict, List
+
+import torch
+import torch.nn as nn
+
+from .config import OptimConfig
+from .errors import UserError
+
+
+def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
+    """Two AdamW groups, ``decay`` and ``no_decay``, each with the parameter names it holds."""
+    skip = set(getattr(model, "no_weight_decay", lambda: set())())
+    decay, no_decay = ([], []), ([], [])
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        group = no_decay if p.ndim <= 1 or name in skip else decay
+        group[0].append(name)
+        group[1].append(p)
+    return [
+        {"name": "decay", "params": decay[1], "param_names": decay[0], "weight_decay": weight_decay},
+        {"name": "no_decay", "params": no_decay[1], "param_names": no_decay[0], "weight_decay": 0.0},
+    ]
+
+
+def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
+    """AdamW over ``param_groups`` at learning rate ``lr`` (the schedule overwrites it every step)."""
+    if cfg.opt.lower() != "adamw":
+        raise UserError(f"optim.opt: only 'adamw' is supported (the DeiT recipe), got {cfg.opt!r}")
+    groups = param_groups(model, cfg.weight_decay)
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps)
+
+
+def describe_groups(optimizer: torch.optim.Optimizer) -> Dict[str, Dict]:
+    """For the log: per group, its weight decay, size and parameter names."""
+    return {
+        g["name"]: {
+            "weight_decay": g["weight_decay"],
+            "num_tensors": len(g["params"]),
+            "num_params": sum(p.numel() for p in g["params"]),
+            "names": list(g["param_names"]),
+        }
+        for g in optimizer.param_groups
+    }
+
+
+@dataclass(frozen=True)
+class LRSchedule:
+    """Per-step linear warmup from ``warmup_lr`` to ``base_lr``, then cosine to ``min_lr`` at
+    ``total_steps`` (or constant). A pure function of the global optimizer step, so a resumed
+    run sees exactly the learning rates of an uninterrupted one."""
+
+    base_lr: float
+    total_steps: int
+    warmup_steps: int
+    warmup_lr: float
+    min_lr: float
+    kind: str = "cosine"
+
+    def __call__(self, step: int) -> float:
+        if step < self.warmup_steps:
+            return self.warmup_lr + (self.base_lr - self.warmup_lr) * step / self.warmup_steps
+        if self.kind == "constant":
+            return self.base_lr
+        span = max(1, self.total_steps - self.warmup_steps)
+        progress = min(1.0, (step - self.warmup_steps) / span)
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
+
+
+def build_schedule(cfg: OptimConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> LRSchedule:
+    return LRSchedule(
+        base_lr=base_lr,
+        total_steps=epochs * steps_per_epoch,
+        warmup_steps=int(round(cfg.warmup_epochs * steps_per_epoch)),
+        warmup_lr=cfg.warmup_lr,
+        min_lr=cfg.min_lr,
+        kind=cfg.sched,
+    )
+
+
+def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
+    for group in optimizer.param_groups:
+        group["lr"] = lr

@@ -1,0 +1,16 @@
+#!/usr/bin/env bash
+# One node, N GPUs, torchrun (DDP, NCCL).
+#   scripts/train_imagenet.sh CONFIG NGPUS [key=value ...]
+#   scripts/train_imagenet.sh configs/deit_small_multimax.yaml 8 data.root=/data/imagenet
+# The presets assume 8 GPUs x data.batch_size=128 (global 1024, lr 5e-4 x 1024/512 = 1e-3).
+set -euo pipefail
+if [ $# -lt 2 ]; then
+  echo "usage: $0 CONFIG NGPUS [key=value ...]" >&2
+  exit 2
+fi
+CONFIG=$1; NGPUS=$2; shift 2
+cd "$(dirname "$0")/.."
+PY=${PYTHON:-python}
+[ -x .venv/bin/python ] && PY=${PYTHON:-.venv/bin/python}
+exec "$PY" -m torch.distributed.run --standalone --nproc_per_node="$NGPUS" \
+  train.py --config "$CONFIG" "$@"

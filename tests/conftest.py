@@ -1,0 +1,41 @@
+"""Shared fixtures: a small, learnable Fashion-MNIST-format dataset written as real IDX files."""
+import gzip
+import os
+import struct
+import sys
+
+import numpy as np
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+
+
+def write_idx_dataset(root, n_train=96, n_test=37, classes=10, seed=0):
+    """Fashion-MNIST's four IDX .gz files with ``n_train``/``n_test`` 28x28 images whose class
+    is visible (a bright square at a class-dependent position), so a tiny model can learn it."""
+    rng = np.random.default_rng(seed)
+    os.makedirs(root, exist_ok=True)
+
+    def images_labels(n):
+        labels = np.arange(n) % classes
+        rng.shuffle(labels)
+        imgs = rng.integers(0, 60, size=(n, 28, 28), dtype=np.uint8)
+        for i, c in enumerate(labels):
+            r, col = divmod(int(c), 4)
+            imgs[i, 2 + 8 * r: 8 + 8 * r, 2 + 6 * col: 8 + 6 * col] = 255
+        return imgs, labels.astype(np.uint8)
+
+    for prefix, n in (("train", n_train), ("t10k", n_test)):
+        imgs, labels = images_labels(n)
+        with gzip.open(os.path.join(root, f"{prefix}-images-idx3-ubyte.gz"), "wb") as f:
+            f.write(struct.pack(">IIII", 2051, n, 28, 28) + imgs.tobytes())
+        with gzip.open(os.path.join(root, f"{prefix}-labels-idx1-ubyte.gz"), "wb") as f:
+            f.write(struct.pack(">II", 2049, n) + labels.tobytes())
+    return root
+
+
+@pytest.fixture(scope="session")
+def fake_fmnist(tmp_path_factory):
+    return write_idx_dataset(str(tmp_path_factory.mktemp("fmnist")))
