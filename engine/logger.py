@@ -110,10 +110,9 @@ class RunLogger:
                 for i, v in enumerate(getattr(mod, pname).detach().float().cpu().tolist()):
                     self.tb.add_scalar(f"modulators/{name}/{pname}[{i}]", v, step)
         if figure:
-            from .plots import modulator_figure
+            from .plots import model_curves, modulator_figure
 
-            curves = {n: (m.ranges.detach().cpu(), m.ts.detach().cpu()) for n, m in mods.items()}
-            self.tb.add_figure("modulators/curves", modulator_figure(curves), step)
+            self.tb.add_figure("modulators/curves", modulator_figure(model_curves(mods)), step)
 
     def text(self, tag: str, text: str) -> None:
         if self.tb is not None:

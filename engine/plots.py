@@ -1,0 +1,246 @@
+"""Figure helpers: MultiMax modulator curves σ(x) and the paper's simplex / sparsity–multi-modality plot.
+
+Figures are built on ``matplotlib.figure.Figure`` with an Agg canvas, never through pyplot, so
+nothing here opens a window or touches the global backend (safe in training processes and
+under ``SummaryWriter.add_figure``). Save with ``fig.savefig(path)``.
+"""
+from __future__ import annotations
+
+import math
+import os
+import re
+from dataclasses import dataclass
+from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+
+import torch
+from matplotlib import colormaps
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+
+from models.multimax import SegLU, seglu
+
+from .errors import UserError
+
+
+class ModulatorParams(NamedTuple):
+    """One SegLU's parameters: ``ranges``/``ts`` (2N,), and ``scale``/``shift`` (1,) for the affine variant."""
+
+    ranges: torch.Tensor
+    ts: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+
+
+# Modulator keys in a state dict (after DDP/compile prefixes): ours, with the affine variant's
+# scale/shift, and those of the paper's code (blocks.{i}.attn.{ranges,ts}, top-level ranges/ts).
+_PREFIX = re.compile(r"^(?:(?:module|_orig_mod)\.)+")
+_OUR_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.normalizer\.modulator|out_modulator)\.(ranges|ts|scale|shift)$")
+_PAPER_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.)?(ranges|ts)$")
+
+
+def modulators_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, ModulatorParams]:
+    """The modulators in a state dict, keyed ``blocks.{i}`` (attention layer i) and ``out``
+    (the output layer), blocks in order then ``out``. Empty for a softmax model."""
+    found: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in state_dict.items():
+        key = _PREFIX.sub("", key)
+        m = _OUR_KEY.match(key) or _PAPER_KEY.match(key)
+        if m:
+            name = f"blocks.{m.group(1)}" if m.group(1) is not None else "out"
+            found.setdefault(name, {})[m.group(2)] = value.detach().float().cpu()
+    out = {}
+    for name in sorted(found, key=lambda n: (n == "out", int(n.split(".")[1]) if n != "out" else 0)):
+        params = found[name]
+        if ("ranges" not in params or "ts" not in params or params["ranges"].shape != params["ts"].shape
+                or params["ranges"].dim() != 1 or params["ranges"].numel() % 2):
+            raise UserError(f"modulator {name}: needs 'ranges' and 'ts' of one even length (2N,), got "
+                            f"{ {k: tuple(v.shape) for k, v in params.items()} }")
+        out[name] = ModulatorParams(params["ranges"], params["ts"], params.get("scale"), params.get("shift"))
+    return out
+
+
+def model_curves(mods: Mapping[str, SegLU]) -> Dict[str, ModulatorParams]:
+    """``models.modulators(model)`` → name → parameters (detached, CPU), for ``modulator_figure``."""
+    def cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
+        return None if t is None else t.detach().float().cpu()
+
+    return {name: ModulatorParams(cpu(m.ranges), cpu(m.ts), cpu(m.scale), cpu(m.shift)) for name, m in mods.items()}
+
+
+def modulator_curve(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
+    """σ(x) for ``params`` = (ranges, ts) or (ranges, ts, scale, shift); x any shape, float."""
+    p = ModulatorParams(*params)
+    ranges, ts = torch.as_tensor(p.ranges, dtype=x.dtype), torch.as_tensor(p.ts, dtype=x.dtype)
+    if p.scale is not None:
+        x = x * torch.as_tensor(p.scale, dtype=x.dtype) + torch.as_tensor(p.shift, dtype=x.dtype)
+    return seglu(x, ranges, ts)
+
+
+def short_name(name: str) -> str:
+    """'blocks.3.attn.normalizer.modulator' / 'blocks.3' → 'block 3'; 'out_modulator' / 'out' → 'output'."""
+    m = re.match(r"^blocks\.(\d+)\b", name)
+    if m:
+        return f"block {m.group(1)}"
+    return "output" if name in ("out", "out_modulator") else name
+
+
+def _new_figure(width: float, height: float) -> Figure:
+    fig = Figure(figsize=(width, height), layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
+
+
+def modulator_figure(
+    curves: Mapping[str, Sequence[torch.Tensor]], x_range: Tuple[float, float] = (-10.0, 10.0)
+) -> Figure:
+    """σ(x) of each modulator (name → (ranges, ts[, scale, shift])), one panel each, identity dashed."""
+    return modulator_evolution_figure({"": curves}, x_range)
+
+
+def modulator_evolution_figure(
+    runs: Mapping[str, Mapping[str, Sequence[torch.Tensor]]],
+    x_range: Tuple[float, float] = (-10.0, 10.0),
+    num_points: int = 401,
+) -> Figure:
+    """σ(x) per modulator for several checkpoints (label → name → params) overlaid, coloured in
+    the given order (e.g. by epoch); one panel per modulator name, identity dashed for reference."""
+    names: List[str] = []
+    for curves in runs.values():
+        names += [n for n in curves if n not in names]
+    if not names:
+        raise ValueError("no modulators to plot")
+    cols = min(4, len(names))
+    rows = math.ceil(len(names) / cols)
+    fig = _new_figure(3.0 * cols, 2.6 * rows + (0.4 if len(runs) > 1 else 0.0))
+    axes = fig.subplots(rows, cols, squeeze=False)
+    x = torch.linspace(float(x_range[0]), float(x_range[1]), num_points, dtype=torch.float64)
+    colors = _colors(len(runs))
+    for ax, name in zip(axes.flat, names):
+        ax.plot(x, x, linestyle="--", color="0.6", linewidth=1.0, label="identity")
+        for color, (label, curves) in zip(colors, runs.items()):
+            if name in curves:
+                ax.plot(x, modulator_curve(curves[name], x), color=color, linewidth=1.6, label=label or "σ(x)")
+        ax.set_title(short_name(name), fontsize=10)
+        ax.grid(alpha=0.3)
+    for i, ax in enumerate(axes.flat):
+        if i >= len(names):
+            ax.set_visible(False)
+        elif i + cols >= len(names):  # the lowest panel of its column
+            ax.set_xlabel("x")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("σ(x)")
+    if len(runs) > 1:  # one legend for all panels (a checkpoint may lack some modulators)
+        entries: Dict[str, object] = {}
+        for ax in axes.flat[:len(names)]:
+            for handle, label in zip(*ax.get_legend_handles_labels()):
+                entries.setdefault(label, handle)
+        fig.legend(list(entries.values()), list(entries), loc="outside lower center", ncols=min(len(entries), 6),
+                   fontsize=9)
+    else:
+        axes.flat[0].legend(fontsize=8)
+    return fig
+
+
+def _colors(n: int) -> List[Tuple[float, ...]]:
+    """n colours from dark to light (viridis) for an ordered sequence such as epochs."""
+    cmap = colormaps["viridis"]
+    return [cmap(0.0)] if n == 1 else [cmap(0.9 * i / (n - 1)) for i in range(n)]
+
+
+# ---------------------------------------------------------------- simplex
+
+# Vertices of the 2-simplex drawn as an equilateral triangle, as in the paper's Figure 1:
+# e1 = (1, 0, 0) bottom right, e2 = (0, 1, 0) top, e3 = (0, 0, 1) bottom left.
+SIMPLEX_VERTICES = torch.tensor([[1.0, 0.0], [0.5, math.sqrt(3.0) / 2.0], [0.0, 0.0]], dtype=torch.float64)
+
+
+def barycentric_xy(p: torch.Tensor) -> torch.Tensor:
+    """Project distributions over 3 entries onto the triangle: (..., 3) → (..., 2) = p @ vertices."""
+    if p.shape[-1] != 3:
+        raise ValueError(f"barycentric_xy needs distributions over 3 entries, got shape {tuple(p.shape)}")
+    return p.to(torch.float64) @ SIMPLEX_VERTICES
+
+
+@dataclass
+class SimplexSeries:
+    """One normalizer on P inputs: ``probs`` (P, 3) with ``multimodality``/``sparsity`` (P,),
+    drawn as markers; or a sweep (P, G, 3) / (P, G), e.g. softmax over
+    G temperatures, drawn as one thin line per input. ``annotate`` labels the points with the
+    input labels. ``color``/``marker`` default to the next of a cycle."""
+
+    label: str
+    probs: torch.Tensor
+    multimodality: torch.Tensor
+    sparsity: torch.Tensor
+    annotate: bool = False
+    color: Optional[str] = None
+    marker: Optional[str] = None
+
+
+_MARKERS = ("o", "s", "D", "v", "*", "P", "X", "<", ">", "h")
+
+
+def simplex_figure(series: Sequence[SimplexSeries], input_labels: Sequence[str], title: Optional[str] = None) -> Figure:
+    """Left: the distributions on the 2-simplex; right: sparsity S against multi-modality M."""
+    fig = _new_figure(11.0, 5.2)
+    left, right = fig.subplots(1, 2, width_ratios=(1.2, 1.0))
+    corners = torch.cat([SIMPLEX_VERTICES, SIMPLEX_VERTICES[:1]])
+    left.plot(corners[:, 0], corners[:, 1], color="black", linewidth=1.0)
+    for (vx, vy), text, va in zip(SIMPLEX_VERTICES.tolist(), ("(1, 0, 0)", "(0, 1, 0)", "(0, 0, 1)"),
+                                  ("top", "bottom", "top")):
+        left.annotate(text, (vx, vy), xytext=(0, -6 if va == "top" else 6), textcoords="offset points",
+                      ha="center", va=va, fontsize=9)
+    left.set_aspect("equal")
+    left.set_xlim(-0.08, 1.08)
+    left.set_ylim(-0.1, 0.95)
+    left.axis("off")
+    right.set_xlabel("multi-modality M")
+    right.set_ylabel("sparsity S")
+    right.set_xlim(-0.04, 1.1)
+    right.set_ylim(-0.04, 1.08)
+    right.grid(alpha=0.3)
+
+    colors = colormaps["tab10"].colors
+    points = 0  # marker series drawn so far: picks colour and marker
+    for s in series:
+        xy = barycentric_xy(s.probs)
+        ms = torch.stack([s.multimodality, s.sparsity], dim=-1).to(torch.float64)
+        if s.probs.dim() == 3:  # a sweep: one line per input
+            for i in range(xy.shape[0]):
+                kw = dict(color="0.55", linewidth=0.8, alpha=0.8, label=s.label if i == 0 else None)
+                left.plot(xy[i, :, 0], xy[i, :, 1], **kw)
+                right.plot(ms[i, :, 0], ms[i, :, 1], **kw)
+            continue
+        color = s.color or colors[points % len(colors)]
+        # hollow markers, so that normalizers giving the same point stay visible
+        kw = dict(color=color, marker=s.marker or _MARKERS[points % len(_MARKERS)], markersize=9, linestyle="none",
+                  markerfacecolor="none", markeredgewidth=1.6, label=s.label)
+        points += 1
+        left.plot(xy[:, 0], xy[:, 1], **kw)
+        right.plot(ms[:, 0], ms[:, 1], **kw)
+        if s.annotate:
+            for i, text in enumerate(input_labels):
+                for ax, point in ((left, xy[i]), (right, ms[i])):
+                    ax.annotate(text, point.tolist(), xytext=(5, 5), textcoords="offset points", fontsize=8,
+                                color=color)
+    left.legend(fontsize=8, loc="upper left", frameon=False)
+    if title:
+        fig.suptitle(title, fontsize=11)
+    return fig
+
+
+def save_figure(fig: Figure, out: str, pdf: bool = False, dpi: int = 150) -> List[str]:
+    """Write ``fig`` to ``out`` (PNG) and, with ``pdf``, next to it as .pdf; returns the paths."""
+    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
+    paths = [out] + ([os.path.splitext(out)[0] + ".pdf"] if pdf else [])
+    for path in paths:
+        try:
+            fig.savefig(path, dpi=dpi)
+        except OSError as e:
+            raise UserError(f"cannot write figure {path}: {e.strerror or e}") from None
+    return paths
+
+
+__all__ = ["ModulatorParams", "modulators_from_state_dict", "model_curves", "modulator_curve", "short_name", "modulator_figure",
+           "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
+           "save_figure"]

@@ -1,0 +1,90 @@
+#!/usr/bin/env python
+"""The learned MultiMax modulators σ(x) of a checkpoint: one panel per attention layer and one
+for the output layer, with the identity for reference. Several checkpoints of one run are
+overlaid (ordered and labelled by their stored epoch) to show how σ evolves during training.
+
+    python scripts/plot_modulators.py --checkpoints runs/x/best.pth --out modulators.png
+    python scripts/plot_modulators.py --checkpoints runs/x/checkpoint-epoch*.pth --x-range -20 20 --pdf
+
+Reads our checkpoints and those trained with the paper's code (``blocks.{i}.attn.ranges``,
+top-level ``ranges``/``ts``), ``.pth`` or ``.safetensors``.
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from typing import Dict, List, Optional, Sequence, Tuple
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.errors import UserError  # noqa: E402
+from engine.plots import (  # noqa: E402
+    ModulatorParams, modulator_evolution_figure, modulators_from_state_dict, save_figure,
+)
+from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
+
+
+def read_modulators(path: str, use_ema: bool = False) -> Tuple[Optional[int], Dict[str, ModulatorParams]]:
+    """(stored epoch or None, modulators by name ``blocks.{i}`` / ``out``) of one checkpoint."""
+    ckpt = load_checkpoint(path, mmap=True)
+    try:
+        found = modulators_from_state_dict(extract_state_dict(ckpt, use_ema))
+    except CheckpointMismatchError as e:
+        raise UserError(f"{path}: {e}") from None
+    if not found:
+        raise UserError(f"{path} has no MultiMax modulators (a softmax model?)")
+    epoch = ckpt.get("epoch")
+    return (int(epoch) if isinstance(epoch, int) else None), found
+
+
+def label_runs(paths: Sequence[str], use_ema: bool = False) -> Dict[str, Dict[str, ModulatorParams]]:
+    """label → modulators for each checkpoint; ordered by epoch when every one stores it
+    (else as given), labelled 'epoch E' (plus the file name when two share an epoch)."""
+    loaded = [(path, *read_modulators(path, use_ema)) for path in paths]
+    if all(epoch is not None for _, epoch, _ in loaded):
+        loaded.sort(key=lambda item: item[1])
+    epochs = [epoch for _, epoch, _ in loaded]
+    runs = {}
+    for path, epoch, mods in loaded:
+        name = os.path.basename(path)
+        label = name if epoch is None else f"epoch {epoch}" + (f" ({name})" if epochs.count(epoch) > 1 else "")
+        runs[label if label not in runs else path] = mods
+    return runs
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--checkpoints", nargs="+", required=True, help="one or more checkpoints of one run")
+    p.add_argument("--use-ema", action="store_true", help="read the checkpoints' EMA weights")
+    p.add_argument("--x-range", type=float, nargs=2, default=[-10.0, 10.0], metavar=("LOW", "HIGH"),
+                   help="x interval of the curves (default: %(default)s)")
+    p.add_argument("--out", default="modulators.png", help="output PNG (default: %(default)s)")
+    p.add_argument("--pdf", action="store_true", help="also write a PDF next to the PNG")
+    p.add_argument("--dpi", type=int, default=150)
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> List[str]:
+    low, high = args.x_range
+    if not low < high:
+        raise UserError(f"--x-range needs LOW < HIGH, got {low:g} {high:g}")
+    fig = modulator_evolution_figure(label_runs(args.checkpoints, args.use_ema), (low, high))
+    return save_figure(fig, args.out, args.pdf, args.dpi)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
+    try:
+        paths = run(args)
+    except UserError as e:
+        print(f"plot_modulators.py: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
