@@ -1,0 +1,174 @@
+"""Data for training and evaluation: datasets, transforms, samplers and mixup, wired into loaders.
+
+    loaders = build_loaders(cfg.data, cfg.model.img_size, rank, world_size, seed)
+    for epoch in ...:
+        set_epoch(loaders, epoch)
+        for images, target in loaders.train: ...
+
+Reproducibility: the train sampler's order is a function of (seed, epoch); the train
+loader's ``generator`` (seeded from (seed, rank), and reseeded per epoch by the engine) seeds
+the workers' ``random``/numpy/torch RNGs. Train workers are *not* persistent: a fresh set per
+epoch draws its seeds from that generator, so a run resumed at any epoch replays the same
+augmentations as the uninterrupted one (persistent workers would carry their RNG state over
+from epochs the resumed run never ran).
+"""
+from __future__ import annotations
+
+import warnings
+from dataclasses import dataclass, replace
+from typing import Callable, Optional, Tuple
+
+import numpy as np
+import torch
+from timm.data import Mixup
+from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
+
+from engine.config import DataConfig
+from engine.errors import UserError
+
+from .datasets import (
+    DatasetInfo, ImageFolderDataset, base_dataset, check_same_classes, create_dataset, take_subset,
+)
+from .samplers import RepeatAugSampler, ShardedEvalSampler
+from .transforms import eval_transform, train_transform
+
+__all__ = [
+    "Loaders", "DatasetInfo", "build_loaders", "build_eval_loader", "build_mixup", "set_epoch", "eval_transform",
+    "train_transform", "RepeatAugSampler", "ShardedEvalSampler",
+]
+
+
+@dataclass
+class Loaders:
+    """Everything train.py needs from the data side."""
+
+    train: DataLoader
+    val: DataLoader
+    train_sampler: Sampler
+    val_sampler: ShardedEvalSampler
+    mixup_fn: Optional[Mixup]
+    info: DatasetInfo
+
+
+class _Loader(DataLoader):
+    """A DataLoader whose workers' UserErrors (a corrupt image with data.bad_images=error)
+    reach the caller as the original one-line message instead of torch's wrapped traceback."""
+
+    def __iter__(self):
+        batches = super().__iter__()
+        try:
+            yield from batches
+        except Exception as e:
+            # torch leaves a failed iterator's workers to the garbage collector, whose shutdown
+            # of them stalls ~5 s per worker; stop them now (the next epoch starts new ones).
+            stop = getattr(batches, "_shutdown_workers", None)
+            if stop is not None:
+                stop()
+                self._iterator = None
+            if isinstance(e, UserError) and "Original Traceback" in str(e):
+                raise UserError(str(e).rsplit("UserError: ", 1)[-1].strip()) from None
+            raise
+
+
+def _resolve_info(cfg: DataConfig, info: DatasetInfo, num_classes: Optional[int]) -> DatasetInfo:
+    """Apply ``data.mean``/``data.std`` (their length sets the channels: 3 values on a
+    grayscale dataset feed it as RGB) and ``model.num_classes`` to the dataset's info."""
+    mean = tuple(cfg.mean) if cfg.mean else info.mean
+    std = tuple(cfg.std) if cfg.std else info.std
+    if len(mean) != len(std) or len(mean) not in (1, 3):
+        raise UserError(f"data.mean {list(mean)} / data.std {list(std)}: need 1 or 3 values each, the same number "
+                        f"(dataset {info.name} has {info.in_chans} channel(s))")
+    classes = info.num_classes
+    if num_classes is not None:
+        if classes and num_classes < classes:
+            raise UserError(f"model.num_classes={num_classes} is smaller than the {classes} classes of {info.name}")
+        classes = num_classes
+    if not classes:
+        raise UserError(f"cannot tell how many classes dataset {info.name} has: set model.num_classes")
+    return replace(info, num_classes=classes, in_chans=len(mean), mean=mean, std=std)
+
+
+def build_mixup(cfg: DataConfig, num_classes: int) -> Optional[Mixup]:
+    """timm's Mixup/CutMix (with label smoothing folded into the soft targets) when any of
+    ``mixup``, ``cutmix``, ``cutmix_minmax`` is on, else None."""
+    if not (cfg.mixup > 0 or cfg.cutmix > 0 or cfg.cutmix_minmax is not None):
+        return None
+    if cfg.batch_size % 2:
+        raise UserError(f"data.batch_size={cfg.batch_size}: mixup/cutmix pair images and need an even batch; "
+                        "change it or set data.mixup=0 data.cutmix=0")
+    return Mixup(mixup_alpha=cfg.mixup, cutmix_alpha=cfg.cutmix, cutmix_minmax=cfg.cutmix_minmax,
+                 prob=cfg.mixup_prob, switch_prob=cfg.mixup_switch_prob, mode=cfg.mixup_mode,
+                 label_smoothing=cfg.smoothing, num_classes=num_classes)
+
+
+def _eval_batch_size(cfg: DataConfig) -> int:
+    return cfg.eval_batch_size or max(1, int(1.5 * cfg.batch_size))
+
+
+def _eval_loader(cfg: DataConfig, ds: Dataset, rank: int, world_size: int) -> Tuple[DataLoader, ShardedEvalSampler]:
+    sampler = ShardedEvalSampler(ds, world_size, rank)
+    loader = _Loader(ds, batch_size=_eval_batch_size(cfg), sampler=sampler, num_workers=cfg.workers,
+                     pin_memory=cfg.pin_memory and torch.cuda.is_available(), drop_last=False,
+                     persistent_workers=cfg.workers > 0)
+    return loader, sampler
+
+
+def _rank_generator(seed: int, rank: int) -> torch.Generator:
+    state = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]
+    return torch.Generator().manual_seed(int(state))
+
+
+def build_loaders(data_cfg: DataConfig, img_size: int, rank: int, world_size: int, seed: int,
+                  num_classes: Optional[int] = None) -> Loaders:
+    """Train loader (``data.train_split``, sharded by a repeated-augmentation sampler when
+    ``repeated_aug > 1`` else a seeded DistributedSampler, drop_last) and exact val loader
+    (``data.val_split``, ShardedEvalSampler), mixup, and the dataset info."""
+    cfg = data_cfg
+    train_ds, info = create_dataset(cfg, cfg.train_split, training=True)
+    val_ds, val_info = create_dataset(cfg, cfg.val_split, training=False)
+    if isinstance(train_ds, ImageFolderDataset) and isinstance(val_ds, ImageFolderDataset):
+        check_same_classes(train_ds.classes, val_ds.classes, train_ds.root, val_ds.root)
+    elif info.num_classes and val_info.num_classes and info.num_classes != val_info.num_classes:
+        raise UserError(f"dataset {info.name}: split {cfg.train_split!r} has {info.num_classes} classes but "
+                        f"{cfg.val_split!r} has {val_info.num_classes}")
+    info = _resolve_info(cfg, info, num_classes)
+    train_ds.transform = train_transform(cfg, img_size, info.mean, info.std)
+    val_ds.transform = eval_transform(img_size, cfg.crop_pct, cfg.interpolation, info.mean, info.std)
+    train_ds = take_subset(train_ds, cfg.max_train_samples)
+    val_ds = take_subset(val_ds, cfg.max_val_samples)
+
+    if cfg.repeated_aug > 1:
+        train_sampler = RepeatAugSampler(train_ds, world_size, rank, num_repeats=cfg.repeated_aug, seed=seed)
+    else:
+        train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
+                                           drop_last=True)
+    train = _Loader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, num_workers=cfg.workers,
+                    pin_memory=cfg.pin_memory and torch.cuda.is_available(), drop_last=True,
+                    generator=_rank_generator(seed, rank))
+    val, val_sampler = _eval_loader(cfg, val_ds, rank, world_size)
+    return Loaders(train, val, train_sampler, val_sampler, build_mixup(cfg, info.num_classes), info)
+
+
+def build_eval_loader(data_cfg: DataConfig, img_size: int, rank: int, world_size: int,
+                      transform: Optional[Callable] = None,
+                      num_classes: Optional[int] = None) -> Tuple[DataLoader, DatasetInfo]:
+    """Exact sharded loader over ``data.val_split`` with the eval transform (or ``transform``)."""
+    ds, info = create_dataset(data_cfg, data_cfg.val_split, training=False)
+    info = _resolve_info(data_cfg, info, num_classes)
+    ds.transform = transform or eval_transform(img_size, data_cfg.crop_pct, data_cfg.interpolation, info.mean,
+                                               info.std)
+    loader, _ = _eval_loader(data_cfg, take_subset(ds, data_cfg.max_val_samples), rank, world_size)
+    return loader, info
+
+
+def set_epoch(loaders: Loaders, epoch: int) -> None:
+    """Call ``set_epoch`` on every sampler that has one, and report images skipped under
+    ``data.bad_images=skip`` since the last epoch."""
+    for sampler in (loaders.train_sampler, loaders.val_sampler):
+        if hasattr(sampler, "set_epoch"):
+            sampler.set_epoch(epoch)
+    for loader in (loaders.train, loaders.val):
+        report = getattr(base_dataset(loader.dataset), "report_skipped", None)
+        message = report() if report is not None else None
+        if message:
+            warnings.warn(message, stacklevel=2)

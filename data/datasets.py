@@ -1,0 +1,351 @@
+"""Datasets: Fashion-MNIST from IDX files, ImageFolder in the ImageNet layout, and timm's factory.
+
+Every dataset here is map-style, returns ``(image, int label)`` and has a settable
+``transform`` attribute (None at creation: ``build_loaders`` sets it once the dataset's
+channels and normalisation are known). ``create_dataset`` is the single entry point.
+"""
+from __future__ import annotations
+
+import gzip
+import math
+import os
+import struct
+import warnings
+import zlib
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+from PIL import Image
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
+from torch.utils.data import Dataset, Subset
+
+from engine.config import DataConfig
+from engine.errors import UserError
+
+FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
+FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
+FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist")
+IMAGEFOLDER_NAMES = ("imagefolder", "image_folder")
+IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
+# Generic normalisation for 1-channel data from timm's factory (3-channel data gets ImageNet's).
+GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
+
+
+@dataclass(frozen=True)
+class DatasetInfo:
+    """What the model and the transforms need to know about a dataset."""
+
+    name: str
+    num_classes: int
+    in_chans: int
+    mean: Tuple[float, ...]
+    std: Tuple[float, ...]
+
+
+# ----------------------------------------------------------------------------- IDX / Fashion-MNIST
+
+# IDX type byte -> element type (big-endian, as the format stores it).
+_IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
+
+
+def read_idx(path: str) -> np.ndarray:
+    """Parse an IDX file (``.gz`` or uncompressed) into a native-endian array of its shape.
+
+    The header is two zero bytes, a type byte, the number of dimensions, then one big-endian
+    uint32 per dimension; the data follow. Anything inconsistent raises a UserError naming ``path``.
+    """
+    opener = gzip.open if path.endswith(".gz") else open
+    try:
+        with opener(path, "rb") as f:
+            raw = f.read()
+    except (OSError, EOFError, zlib.error) as e:  # gzip.BadGzipFile is an OSError
+        raise UserError(f"{path}: cannot read IDX file ({e}); the file is corrupt, re-download it") from None
+    if len(raw) < 4 or raw[0] != 0 or raw[1] != 0 or raw[2] not in _IDX_DTYPES:
+        raise UserError(f"{path}: not an IDX file (bad magic number {raw[:4].hex() or 'empty'}); re-download it")
+    ndim = raw[3]
+    header = 4 + 4 * ndim
+    if len(raw) < header:
+        raise UserError(f"{path}: truncated IDX header; re-download it")
+    shape = struct.unpack(f">{ndim}I", raw[4:header])
+    dtype = np.dtype(_IDX_DTYPES[raw[2]])
+    expected = math.prod(shape) * dtype.itemsize
+    if len(raw) - header != expected:
+        raise UserError(f"{path}: corrupt IDX file: its header promises shape {shape} ({expected} bytes) "
+                        f"but {len(raw) - header} bytes follow; re-download it")
+    return np.frombuffer(raw, dtype, offset=header).reshape(shape).astype(dtype.newbyteorder("="))
+
+
+class FashionMNIST(Dataset):
+    """Fashion-MNIST held in memory: ``images`` uint8 (N, 28, 28), ``labels`` int64 (N,).
+    Items are ``(transform(PIL 'L' image), int label)``."""
+
+    classes = ("T-shirt/top", "Trouser", "Pullover", "Dress", "Coat", "Sandal", "Shirt", "Sneaker", "Bag",
+               "Ankle boot")
+
+    def __init__(self, images: torch.Tensor, labels: torch.Tensor, transform: Optional[Callable] = None):
+        self.images, self.labels, self.transform = images, labels, transform
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def __getitem__(self, index: int):
+        img = Image.fromarray(self.images[index].numpy())  # 2-D uint8 -> mode 'L'
+        return (self.transform(img) if self.transform is not None else img), int(self.labels[index])
+
+
+_FMNIST_SPLITS = {"train": "train", "val": "t10k", "test": "t10k", "t10k": "t10k"}
+
+
+def fashion_mnist_dirs(root: str) -> List[str]:
+    """Where the IDX files are looked for: ``root`` and torchvision's ``root/FashionMNIST/raw``
+    when a root is given, else the Debian package's directory."""
+    if root:
+        return [root, os.path.join(root, "FashionMNIST", "raw")]
+    return [FASHION_MNIST_DEBIAN_DIR]
+
+
+def _find_idx(dirs: Sequence[str], stem: str) -> Optional[str]:
+    for d in dirs:
+        for name in (stem + ".gz", stem):
+            if os.path.isfile(os.path.join(d, name)):
+                return os.path.join(d, name)
+    return None
+
+
+def _download_fashion_mnist(root: str) -> None:
+    if not root:
+        raise UserError("data.download=true needs data.root: a writable directory to download Fashion-MNIST into")
+    import torchvision
+
+    try:
+        torchvision.datasets.FashionMNIST(root, train=True, download=True)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
+        raise UserError(f"data.download: downloading Fashion-MNIST into {root} failed: {e}") from None
+
+
+def load_fashion_mnist(root: str, split: str, download: bool = False) -> FashionMNIST:
+    """Fashion-MNIST ``split`` (train → 60k; val/test/t10k → the 10k test set) from IDX files."""
+    if split not in _FMNIST_SPLITS:
+        raise UserError(f"Fashion-MNIST has no split {split!r}; use one of {sorted(_FMNIST_SPLITS)} "
+                        "(data.train_split / data.val_split)")
+    prefix = _FMNIST_SPLITS[split]
+    stems = (f"{prefix}-images-idx3-ubyte", f"{prefix}-labels-idx1-ubyte")
+    dirs = fashion_mnist_dirs(root)
+    paths = [_find_idx(dirs, s) for s in stems]
+    if None in paths and download:
+        _download_fashion_mnist(root)
+        paths = [_find_idx(dirs, s) for s in stems]
+    if None in paths:
+        missing = stems[paths.index(None)]
+        raise UserError(
+            f"Fashion-MNIST not found: no {missing}[.gz] in {' or '.join(dirs)}. Install it with "
+            f"`apt-get install dataset-fashion-mnist` (files in {FASHION_MNIST_DEBIAN_DIR}, used when data.root "
+            "is empty), point data.root at a directory holding the four IDX files, or set data.download=true "
+            "with data.root set"
+        )
+    images, labels = (read_idx(p) for p in paths)
+    if images.dtype != np.uint8 or images.ndim != 3:
+        raise UserError(f"{paths[0]}: expected uint8 images of shape (N, H, W), got {images.dtype} {images.shape}")
+    if labels.dtype != np.uint8 or labels.ndim != 1 or len(labels) != len(images):
+        raise UserError(f"{paths[1]}: expected {len(images)} uint8 labels, got {labels.dtype} {labels.shape}")
+    if len(labels) and labels.max() >= len(FashionMNIST.classes):
+        raise UserError(f"{paths[1]}: label {labels.max()} out of range for Fashion-MNIST's 10 classes")
+    return FashionMNIST(torch.from_numpy(images), torch.from_numpy(labels.astype(np.int64)))
+
+
+# ----------------------------------------------------------------------------- ImageFolder
+
+def _is_image_name(name: str) -> bool:
+    return name.lower().endswith(IMG_EXTENSIONS)
+
+
+def scan_image_folder(split_dir: str, bad_images: str) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
+    """Classes (sorted sub-folder names), ``(path, class index)`` samples in sorted order, and
+    the non-image files left out (only with ``bad_images == 'skip'``; with ``'error'`` the
+    first one raises). Hidden files (``.DS_Store``, ``._x.JPEG``) are ignored."""
+    if not os.path.isdir(split_dir):
+        raise UserError(f"data.root: dataset directory {split_dir} does not exist (expected the ImageNet "
+                        "layout <data.root>/<split>/<class>/<image>)")
+    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
+    if not classes:
+        hint = ""
+        if any(_is_image_name(n) for n in os.listdir(split_dir)):
+            hint = " It holds images directly: sort a flat ImageNet val folder with scripts/prepare_imagenet_val.py."
+        raise UserError(f"data.root: {split_dir} has no class folders.{hint}")
+    samples: List[Tuple[str, int]] = []
+    rejected: List[str] = []
+    for index, name in enumerate(classes):
+        class_dir = os.path.join(split_dir, name)
+        found = 0
+        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
+            dirnames.sort()
+            for fname in sorted(filenames):
+                if fname.startswith("."):
+                    continue
+                path = os.path.join(dirpath, fname)
+                if not _is_image_name(fname):
+                    if bad_images == "error":
+                        raise UserError(f"{path} is not an image file (extensions {', '.join(IMG_EXTENSIONS)}); "
+                                        "remove it or set data.bad_images=skip")
+                    rejected.append(path)
+                    continue
+                samples.append((path, index))
+                found += 1
+        if found == 0:
+            raise UserError(f"empty class folder {class_dir}: it holds no images; remove it or add its images")
+    return classes, samples, rejected
+
+
+def _load_rgb(path: str) -> Image.Image:
+    with open(path, "rb") as f:
+        img = Image.open(f)
+        return img.convert("RGB")  # convert() decodes fully, so a truncated file fails here
+
+
+# What PIL raises for unreadable files (PNG plugins raise SyntaxError for broken chunks).
+_DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
+
+
+class ImageFolderDataset(Dataset):
+    """``<split_dir>/<class>/**/<image>`` with sorted classes; items are ``(transform(RGB image), label)``.
+
+    Unreadable images follow ``bad_images``: ``'error'`` raises a UserError naming the file;
+    ``'skip'`` serves the next readable sample instead (so batches keep their size, which
+    mixup needs) and marks the file in a flag tensor in shared memory, so every loader worker
+    skips it without retrying and ``skipped()`` counts distinct bad files across workers.
+    """
+
+    def __init__(self, split_dir: str, bad_images: str = "error", transform: Optional[Callable] = None):
+        self.root, self.bad_images, self.transform = split_dir, bad_images, transform
+        self.classes, self.samples, self.rejected = scan_image_folder(split_dir, bad_images)
+        self.targets = [t for _, t in self.samples]
+        self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
+        self._reported = 0
+        if self.rejected:
+            warnings.warn(f"data.bad_images=skip: left out {len(self.rejected)} non-image file(s) in {split_dir} "
+                          f"(first: {self.rejected[0]})", stacklevel=2)
+
+    def __len__(self) -> int:
+        return len(self.samples)
+
+    def __getitem__(self, index: int):
+        n = len(self.samples)
+        if not -n <= index < n:
+            raise IndexError(f"index {index} out of range for {n} samples")  # ends plain iteration
+        index %= n
+        for i in (j % n for j in range(index, index + n)):
+            if self._bad[i]:
+                continue
+            path, target = self.samples[i]
+            try:
+                img = _load_rgb(path)
+            except _DECODE_ERRORS as e:
+                if self.bad_images == "error":
+                    raise UserError(f"cannot read image {path}: {e}; remove it or set data.bad_images=skip") from None
+                first = not bool(self._bad.any())
+                self._bad[i] = 1
+                if first:
+                    warnings.warn(f"data.bad_images=skip: skipping unreadable image {path} ({e}); further ones are "
+                                  "counted and reported at the next epoch", stacklevel=2)
+                continue
+            return (self.transform(img) if self.transform is not None else img), target
+        raise UserError(f"no readable image in {self.root}")
+
+    def skipped(self) -> List[str]:
+        """Paths of the files skipped so far: unreadable images (all workers) and non-image files."""
+        return [self.samples[i][0] for i in torch.nonzero(self._bad).flatten().tolist()] + self.rejected
+
+    def report_skipped(self) -> Optional[str]:
+        """A one-line summary when more files were skipped since the last call, else None."""
+        skipped = self.skipped()
+        if len(skipped) <= self._reported:
+            return None
+        self._reported = len(skipped)
+        return f"data.bad_images=skip: {len(skipped)} file(s) skipped so far in {self.root} (first: {skipped[0]})"
+
+
+def check_same_classes(train: Sequence[str], val: Sequence[str], train_dir: str, val_dir: str) -> None:
+    """Train and val must index the same classes, or labels would silently disagree."""
+    if list(train) == list(val):
+        return
+    only_train = sorted(set(train) - set(val))[:5]
+    only_val = sorted(set(val) - set(train))[:5]
+    raise UserError(f"class folders differ between {train_dir} ({len(train)} classes) and {val_dir} "
+                    f"({len(val)} classes): only in train {only_train}, only in val {only_val}")
+
+
+# ----------------------------------------------------------------------------- timm's factory
+
+def _timm_dataset(cfg: DataConfig, split: str, training: bool) -> Dataset:
+    from timm.data import create_dataset as timm_create_dataset
+
+    try:
+        ds = timm_create_dataset(cfg.dataset, root=cfg.root or None, split=split, is_training=training,
+                                 download=cfg.download, batch_size=cfg.batch_size)
+    except (AssertionError, RuntimeError, OSError, ValueError, KeyError, ImportError, TypeError) as e:
+        raise UserError(f"data.dataset: cannot create dataset {cfg.dataset!r} (split {split!r}, root "
+                        f"{cfg.root or '<none>'}): {e}") from None
+    if isinstance(ds, torch.utils.data.IterableDataset):
+        raise UserError(f"data.dataset: {cfg.dataset!r} is a streaming (iterable) dataset, which the samplers "
+                        "here cannot shard; use an ImageFolder copy (data.dataset=imagefolder) or a map-style dataset")
+    if not hasattr(ds, "transform"):
+        raise UserError(f"data.dataset: {cfg.dataset!r} has no `transform` attribute to set")
+    return ds
+
+
+def _timm_num_classes(ds: Dataset) -> Optional[int]:
+    """Class count from torchvision's ``classes`` or timm's reader ``class_to_idx``, if known."""
+    if getattr(ds, "classes", None):
+        return len(ds.classes)
+    class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+def _channels_of(ds: Dataset, name: str) -> int:
+    """1 for grayscale datasets (PIL mode 'L'/'1'/'I;16'...), else 3 (images get converted to RGB)."""
+    if len(ds) == 0:
+        raise UserError(f"data.dataset: {name!r} is empty")
+    img = ds[0][0]
+    return 1 if isinstance(img, Image.Image) and img.mode in ("1", "L", "I", "I;16", "F") else 3
+
+
+# ----------------------------------------------------------------------------- entry point
+
+def split_dir(cfg: DataConfig, split: str) -> str:
+    """``<data.root>/<split>`` of an ImageFolder dataset."""
+    if not cfg.root:
+        raise UserError("data.root is empty: set it to the dataset directory (<root>/<split>/<class>/<image>)")
+    return os.path.join(cfg.root, split)
+
+
+def create_dataset(cfg: DataConfig, split: str, training: bool) -> Tuple[Dataset, DatasetInfo]:
+    """The dataset ``split`` named by ``cfg.dataset`` (``transform`` still None) and its info,
+    whose mean/std are the dataset's defaults (``data.mean``/``data.std`` are applied by the caller)."""
+    name = cfg.dataset
+    if name.lower() in FASHION_MNIST_NAMES:
+        ds = load_fashion_mnist(cfg.root, split, cfg.download)
+        return ds, DatasetInfo("fashion_mnist", 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+    if name.lower() in IMAGEFOLDER_NAMES:
+        ds = ImageFolderDataset(split_dir(cfg, split), cfg.bad_images)
+        return ds, DatasetInfo(name, len(ds.classes), 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    ds = _timm_dataset(cfg, split, training)
+    in_chans = _channels_of(ds, name)
+    mean, std = (GRAY_MEAN, GRAY_STD) if in_chans == 1 else (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+    return ds, DatasetInfo(name, _timm_num_classes(ds) or 0, in_chans, mean, std)
+
+
+def take_subset(ds: Dataset, n: Optional[int]) -> Dataset:
+    """A deterministic ``n``-sample subset: evenly spaced indices ``i * len // n`` (which, unlike
+    the first ``n``, covers every class of a class-sorted folder). ``None`` or ``n >= len`` → ``ds``."""
+    if n is None or n >= len(ds):
+        return ds
+    return Subset(ds, [i * len(ds) // n for i in range(n)])
+
+
+def base_dataset(ds: Dataset) -> Dataset:
+    """The dataset under any ``Subset`` wrappers."""
+    while isinstance(ds, Subset):
+        ds = ds.dataset
+    return ds
