@@ -25,7 +25,8 @@ from engine.logger import RunLogger, console
 from engine.model import EMA, build_model, unwrap
 from engine.optim import build_optimizer, build_schedule, describe_groups
 from engine.run import (
-    StopSignals, epoch_record, prepare_run_dir, restore_training_state, seed_epoch, training_state, wrap_model,
+    StopSignals, check_run_dir, epoch_record, restore_training_state, seed_epoch, training_state, wrap_model,
+    write_run_config,
 )
 from data import build_loaders, set_epoch
 from models.multimax import modulators
@@ -40,11 +41,11 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(cfg, info: dist.DistInfo) -> dict:
     """The whole run: data, model, optimiser, resume, then epochs of train → eval → checkpoint → log."""
-    run_dir = prepare_run_dir(cfg, info)
     loaders = build_loaders(cfg.data, cfg.model.img_size, info.rank, info.world_size, cfg.train.seed,
                             num_classes=cfg.model.num_classes)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg.model, loaders.info.num_classes, loaders.info.in_chans).to(info.device)
+    run_dir = check_run_dir(cfg)  # nothing is written before data, model and resume are known good
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema else None
     lr = effective_lr(cfg, info.world_size)
     optimizer = build_optimizer(model, cfg.optim, lr)
@@ -56,9 +57,10 @@ def train(cfg, info: dist.DistInfo) -> dict:
                         f"{cfg.train.accum_steps} is larger than the training set ({len(loaders.train.dataset)} images)")
     schedule = build_schedule(cfg.optim, lr, cfg.train.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type) if cfg.train.amp == "fp16" else None
+    resume = restore_training_state(cfg, run_dir, model, ema, optimizer, scaler, info)
+    write_run_config(cfg, info)
     checkpoints = CheckpointManager(run_dir, cfg.train.keep_top_k, metric="val_top1", mode="max", is_main=info.is_main)
     logger = RunLogger(run_dir, info.is_main)
-    resume = restore_training_state(cfg, run_dir, model, ema, optimizer, scaler, info)
     state, start_epoch, best = resume.state, resume.start_epoch, resume.best
     train_model = wrap_model(model, cfg, info)
     criterion = build_criterion(loaders.mixup_fn is not None, cfg.data.smoothing)

@@ -139,6 +139,8 @@ def read_jsonl(path: str) -> list:
 
 def truncate_jsonl(path: str, last_epoch: int) -> None:
     """On resume, drop the records of epochs after the checkpoint (they will be redone)."""
+    if not os.path.exists(path):
+        return
     rows = [r for r in read_jsonl(path) if r.get("epoch", -1) <= last_epoch]
     tmp = path + ".tmp"
     with open(tmp, "w") as f:

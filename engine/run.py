@@ -42,28 +42,31 @@ def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
     return out
 
 
-def prepare_run_dir(cfg, info: dist.DistInfo) -> str:
-    """Create ``train.output_dir`` (rank 0), refuse to mix runs of different configs, and write
-    the resolved config. Every rank returns the path."""
+def check_run_dir(cfg) -> str:
+    """Refuse to mix runs of different configs in ``train.output_dir``; writes nothing."""
+    run_dir = cfg.train.output_dir
+    cfg_path = os.path.join(run_dir, "config.yaml")
+    if os.path.exists(cfg_path) and cfg.train.resume != "none" and not cfg.train.allow_config_change:
+        _check_same_experiment(cfg, cfg_path)
+    if os.path.exists(run_dir) and not os.path.isdir(run_dir):
+        raise UserError(f"train.output_dir: {run_dir} exists and is not a directory")
+    return run_dir
+
+
+def write_run_config(cfg, info: dist.DistInfo) -> None:
+    """Create the run directory (rank 0) and write the resolved config into it."""
     run_dir = cfg.train.output_dir
     if info.is_main:
+        cfg_path = os.path.join(run_dir, "config.yaml")
+        text = yaml.safe_dump(resolve_config(cfg, info.world_size), sort_keys=False)
         try:
             os.makedirs(run_dir, exist_ok=True)
-        except OSError as e:
-            raise UserError(f"train.output_dir: cannot create {run_dir}: {e.strerror}") from None
-        cfg_path = os.path.join(run_dir, "config.yaml")
-        if os.path.exists(cfg_path) and cfg.train.resume != "none" and not cfg.train.allow_config_change:
-            _check_same_experiment(cfg, cfg_path)
-        text = yaml.safe_dump(resolve_config(cfg, info.world_size), sort_keys=False)
-        tmp = cfg_path + ".tmp"
-        try:
-            with open(tmp, "w") as f:
+            with open(cfg_path + ".tmp", "w") as f:
                 f.write(text)
-            os.replace(tmp, cfg_path)
+            os.replace(cfg_path + ".tmp", cfg_path)
         except OSError as e:
-            raise UserError(f"train.output_dir: cannot write {cfg_path}: {e.strerror}") from None
+            raise UserError(f"train.output_dir: cannot write {run_dir}: {e.strerror}") from None
     dist.barrier()
-    return run_dir
 
 
 def _check_same_experiment(cfg, cfg_path: str) -> None:
@@ -128,7 +131,8 @@ def restore_training_state(cfg, run_dir: str, model, ema, optimizer, scaler, inf
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:
-        raise UserError(f"cannot resume from {path}: it does not match this model/optimizer ({str(e)[:300]})") from None
+        detail = " ".join(str(e).split())[:400]
+        raise UserError(f"cannot resume from {path}: it does not match this model/optimizer ({detail})") from None
     epoch, epoch_step = int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0))
     if info.is_main:
         truncate_jsonl(os.path.join(run_dir, "log.jsonl"), epoch)
