@@ -24,10 +24,12 @@ data:
 	  else echo "note: $(FMNIST) missing and apt-get unavailable; use data.download=true"; fi; \
 	fi
 
-# Placeholder until train.py lands: a forward/backward smoke of the quickstart model.
+# The main job: train the quickstart MultiMax ViT on Fashion-MNIST (CPU), then evaluate it.
+# A rerun starts over (train.resume=none); extra overrides: make demo ARGS="train.epochs=2".
 demo: setup data
-	$(PY) -c "import torch, timm, models; m = timm.create_model('vit_micro_multimax_patch7_28'); \
-	y = m(torch.randn(8, 1, 28, 28)); y.logsumexp(-1).sum().backward(); print('ok', tuple(y.shape))"
+	$(PY) train.py --config configs/quickstart.yaml train.resume=none $(ARGS)
+	$(PY) eval.py --checkpoint runs/quickstart/last.pth --attn-stats --attn-stats-batches 4 \
+	  --output runs/quickstart/eval.json
 
 test: setup data
 	OMP_NUM_THREADS=2 $(PY) -m pytest
