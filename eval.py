@@ -93,6 +93,7 @@ def resolve_config(args: argparse.Namespace, ckpt: Dict[str, Any]) -> Config:
                             f"(e.g. deit_small_multimax_patch16_224)")
         cfg = Config()
         cfg.data.dataset = "imagefolder"
+        cfg.data.workers = min(cfg.data.workers, os.cpu_count() or 1)
         pcfg = timm.get_pretrained_cfg(args.model)
         if pcfg is not None:
             cfg.model.img_size = pcfg.input_size[-1]
