@@ -6,8 +6,16 @@ MultiMax, the SegLU modulator) sit at ``<block>.attn.normalizer.modulator.{range
 
 Backends (``backend=``):
 - ``sdpa``: ``F.scaled_dot_product_attention``; softmax only (temperature folded into the scale).
-- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v.
-- ``auto``: sdpa for softmax, explicit otherwise.
+- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v. Materialises the
+  (B, H, N, N) scores. For MultiMax, σ + softmax is one autograd Function
+  (``attention_kernels.modulated_softmax``) that saves only scores and probabilities; free of
+  graph breaks, so torch.compile fuses σ, the softmax and their backward.
+- ``flex``: ``flex_attention`` with ``score_mod`` = σ (see ``models.attention_kernels``);
+  multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
+- ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
+  multimax/softmax, no attention dropout.
+- ``auto``: sdpa for softmax; for multimax flex on CUDA when flex is usable (Triton present,
+  no mask, no attention dropout while training), explicit otherwise.
 
 Attention probabilities are never kept on the module. Analysis asks for them with
 ``record_attention(model)``, which collects them per layer for the forwards inside its block.
@@ -22,9 +30,13 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from .attention_kernels import (
+    FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
+    modulated_softmax,
+)
 from .multimax import NORMALIZERS, build_normalizer
 
-ATTN_BACKENDS = ("auto", "sdpa", "explicit")
+ATTN_BACKENDS = ("auto", "sdpa", "explicit", "flex", "chunked")
 
 
 @dataclass
@@ -70,6 +82,10 @@ class MultiMaxAttention(nn.Module):
             raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
         if backend == "sdpa" and normalizer != "softmax":
             raise ValueError(f"backend 'sdpa' computes softmax only, not {normalizer!r}")
+        if backend in ("flex", "chunked") and normalizer not in FUSED_NORMALIZERS:
+            raise ValueError(f"backend {backend!r} supports normalizers {FUSED_NORMALIZERS}, not {normalizer!r}")
+        if backend in ("flex", "chunked") and attn_drop > 0:
+            raise ValueError(f"backend {backend!r} supports attention dropout 0 only, got attn_drop={attn_drop}")
         dd = {"device": device, "dtype": dtype}
         self.num_heads = num_heads
         self.head_dim = dim // num_heads
@@ -96,7 +112,8 @@ class MultiMaxAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        if self._uses_sdpa():
+        path = self.kernel(q.device, masked=attn_mask is not None or is_causal)
+        if path == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v,
                 attn_mask=attn_mask,
@@ -104,21 +121,43 @@ class MultiMaxAttention(nn.Module):
                 is_causal=is_causal,
                 scale=self.scale / self.normalizer.temperature,
             )
+        elif path == "flex":
+            if attn_mask is not None or is_causal:
+                raise NotImplementedError("attention backend 'flex' takes no attention mask; use 'chunked' or 'explicit'")
+            out = flex_attention_with(q, k, v, ScoreModulation.of(self.normalizer), self.scale)
+        elif path == "chunked":
+            bias = _additive_mask(attn_mask, is_causal, N, q)
+            out = chunked_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
         else:
             out = self._explicit(q, k, v, _additive_mask(attn_mask, is_causal, N, q))
         out = out.transpose(1, 2).reshape(B, N, C)
         return self.proj_drop(self.proj(self.norm(out)))
 
-    def _uses_sdpa(self) -> bool:
-        if self._record is not None or self.normalizer.name != "softmax":
-            return False
-        return self.backend in ("auto", "sdpa")
+    def kernel(self, device: torch.device, masked: bool = False) -> str:
+        """The kernel a forward on ``device`` uses: sdpa | explicit | flex | chunked.
+
+        Depends only on static facts (module config, device, training mode, recording), so
+        torch.compile guards on it instead of breaking the graph."""
+        if self._record is not None:
+            return "explicit"
+        if self.backend != "auto":
+            return self.backend
+        name = self.normalizer.name
+        if name == "softmax":
+            return "sdpa"
+        dropout = self.training and self.attn_drop.p > 0
+        if name == "multimax" and device.type == "cuda" and not masked and not dropout and flex_available(device):
+            return "flex"
+        return "explicit"
 
     def _explicit(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> torch.Tensor:
         scores = (q * self.scale) @ k.transpose(-2, -1)
-        probs = self.normalizer(scores, bias)
+        if self.normalizer.name == "multimax":  # σ + softmax with a lean hand-written backward
+            probs = modulated_softmax(scores, ScoreModulation.of(self.normalizer), bias)
+        else:
+            probs = self.normalizer(scores, bias)
         if self._record is not None:
             self._record.probs.setdefault(self._record_name, []).append(probs.detach())
             if self._record_scores:
@@ -145,7 +184,7 @@ def record_attention(model: nn.Module, scores: bool = False) -> Iterator[Attenti
     """Collect attention probabilities (and optionally the scaled scores) of every
     ``MultiMaxAttention`` in ``model`` for the forwards run inside the block.
 
-    Recording forces the explicit path (SDPA never materialises the probabilities).
+    Recording forces the explicit path (the other kernels never materialise the probabilities).
     """
     record = AttentionRecord()
     layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiMaxAttention)]

@@ -1,0 +1,385 @@
+"""Attention kernels for MultiMax (and softmax with temperature).
+
+Each computes softmax(φ(q·kᵀ·scale) + bias) along the keys, where φ is the normalizer's score
+modulation: σ (SegLU, optionally after the affine pre-map) for MultiMax, the identity for
+softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D).
+
+- ``modulated_softmax``: the probabilities of the materialising (explicit) path, as one
+  autograd Function with a hand-written backward: it saves only the scores and the
+  probabilities (autograd through σ would save every intermediate) and computes the
+  gradients of σ's parameters in one sweep. Plain tensor code, so torch.compile traces
+  and fuses forward and backward.
+- ``chunked_attention``: memory-efficient on every device. Walks over query chunks, keeps only
+  q, k, v and the per-row logsumexp of φ(scores), and recomputes each chunk's scores in the
+  backward pass. Peak memory grows with chunk × N instead of N × N. No attention dropout.
+- ``flex_attention_with``: ``torch.nn.attention.flex_attention`` with ``score_mod`` = φ and the
+  learnable ``ranges`` / ``ts`` captured, compiled once per process. Forward and backward on
+  CUDA; forward only on CPU (this torch has no flex backward on CPU). No dropout, no masks.
+
+φ and the softmax run in float32 (float64 stays float64, for gradcheck), as in
+``models.multimax``.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+from typing import Callable, List, Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from .multimax import seglu
+
+try:
+    from torch.nn.attention.flex_attention import flex_attention as _flex_attention
+    _FLEX_IMPORTABLE = True
+except ImportError:  # torch without flex attention
+    _FLEX_IMPORTABLE = False
+
+# Elements of one chunk's (B, H, rows, N) score block in the chunked path (4 MiB in float32):
+# its peak memory is a few such blocks, whatever B, H and N are.
+CHUNK_ELEMENTS = 2 ** 20
+FUSED_NORMALIZERS = ("multimax", "softmax")
+
+Params = Tuple[torch.Tensor, ...]
+
+
+# ----------------------------------------------------------------------------- φ and its gradient
+
+@dataclass(frozen=True)
+class ScoreModulation:
+    """What a normalizer does to the scaled scores before its softmax.
+
+    ``params``: () for softmax (φ = identity), (ranges, ts) for MultiMax, (ranges, ts, scale,
+    shift) for the affine variant (φ(x) = σ(scale·x + shift)). ``scale_factor`` multiplies the
+    attention scale and divides an additive mask (1/temperature for softmax), matching
+    softmax((s + mask) / T) of the normalizer.
+    """
+
+    params: Params
+    scale_factor: float = 1.0
+
+    @staticmethod
+    def of(normalizer: nn.Module) -> "ScoreModulation":
+        """From a ``models.multimax`` normalizer: ``multimax`` or ``softmax`` only."""
+        if normalizer.name == "softmax":
+            return ScoreModulation((), 1.0 / normalizer.temperature)
+        if normalizer.name == "multimax":
+            mod = normalizer.modulator
+            extra = () if mod.scale is None else (mod.scale, mod.shift)
+            return ScoreModulation((mod.ranges, mod.ts, *extra))
+        raise ValueError(
+            f"normalizer {normalizer.name!r} has no fused kernel; these attention backends support "
+            f"{FUSED_NORMALIZERS} (use backend 'explicit')"
+        )
+
+
+def _f32(x: torch.Tensor) -> torch.Tensor:
+    """Half precision to float32; float32/float64 stay as they are."""
+    return x if x.dtype in (torch.float32, torch.float64) else x.float()
+
+
+def _acc_dtype(x: torch.Tensor) -> torch.dtype:
+    """float32 for half precision, else x's dtype: where sums and φ are computed."""
+    return torch.promote_types(x.dtype, torch.float32)
+
+
+def modulate(s: torch.Tensor, params: Params) -> torch.Tensor:
+    """φ(s), elementwise (see ``ScoreModulation``)."""
+    if not params:
+        return s
+    if len(params) == 4:
+        s = s * params[2] + params[3]
+    return seglu(s, params[0], params[1])
+
+
+def modulate_backward(s: torch.Tensor, grad: torch.Tensor, params: Params) -> Tuple[torch.Tensor, List[torch.Tensor]]:
+    """Given dL/dφ(s) = ``grad``: dL/ds (same shape) and dL/d each parameter (summed).
+
+    For order n (power p = n+1) with low = max(b − u, 0), high = max(u − d, 0) and
+    gl = grad·low^(p−1)·[u < b], gh = grad·high^(p−1)·[u > d] (the subgradient at a kink is 0,
+    as autograd's relu gives):
+    dL/du = grad − Σ p·t_b·gl + Σ p·t_d·gh, dL/db = p·t_b·Σ gl, dL/dd = −p·t_d·Σ gh,
+    dL/dt_b = Σ gl·low, dL/dt_d = Σ gh·high.
+    """
+    if not params:
+        return grad, []
+    ranges, ts = params[0], params[1]
+    u = s * params[2] + params[3] if len(params) == 4 else s
+    du = grad.clone()  # updated in place: fewer (B, H, N, N) temporaries alive at once
+    d_ranges, d_ts = [], []
+    for n in range(ranges.shape[0] // 2):
+        sums = _order_backward(u, grad, du, ranges[2 * n], ranges[2 * n + 1], ts[2 * n], ts[2 * n + 1], n + 1)
+        d_ranges += sums[:2]
+        d_ts += sums[2:]
+    grads = [torch.stack(d_ranges), torch.stack(d_ts)]
+    if len(params) == 4:
+        grads += [_total(du * s).reshape(1), _total(du).reshape(1)]
+        du = du.mul_(params[2])
+    return du, grads
+
+
+def _order_backward(
+    u: torch.Tensor, grad: torch.Tensor, du: torch.Tensor, b: torch.Tensor, d: torch.Tensor,
+    t_b: torch.Tensor, t_d: torch.Tensor, power: int,
+) -> List[torch.Tensor]:
+    """One order's share of ``modulate_backward``: adds it to ``du`` in place and returns
+    [dL/db, dL/dd, dL/dt_b, dL/dt_d]. Its temporaries die on return."""
+    low, high = (b - u).relu_(), (u - d).relu_()
+    gl, gh = _times_power(grad, low, power - 1), _times_power(grad, high, power - 1)
+    du.addcmul_(gl, -power * t_b).addcmul_(gh, power * t_d)
+    return [power * t_b * _total(gl), -power * t_d * _total(gh), _total(gl * low), _total(gh * high)]
+
+
+def _times_power(grad: torch.Tensor, base: torch.Tensor, exponent: int) -> torch.Tensor:
+    """grad·base^exponent for base = relu(...) ≥ 0; exponent 0 means grad·[base > 0]."""
+    if exponent == 0:
+        return grad * (base > 0)
+    out = grad * base
+    for _ in range(exponent - 1):
+        out = out * base
+    return out
+
+
+def _total(x: torch.Tensor) -> torch.Tensor:
+    """Sum of all entries, rows first: compiled, the row sums fuse into the row loop that
+    also writes dL/ds (one sweep over the scores instead of two)."""
+    return x.sum(-1).sum()
+
+
+def _params32(params: Params) -> Params:
+    return tuple(_f32(p) for p in params)
+
+
+def _param_grads(grads: List[torch.Tensor], params: Params) -> Tuple[Optional[torch.Tensor], ...]:
+    """Gradients in the parameters' dtypes and shapes."""
+    return tuple(g.to(p.dtype).reshape(p.shape) for g, p in zip(grads, params))
+
+
+# ----------------------------------------------------------------------------- explicit path
+
+def _modulated_probs(s: torch.Tensor, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
+    """softmax(φ(s) + bias) over the last dim, in float32 (float64 stays)."""
+    y = modulate(_f32(s), _params32(params))
+    return torch.softmax(y if bias is None else y + bias, dim=-1)
+
+
+class _ModulatedSoftmax(torch.autograd.Function):
+    """probs = softmax(φ(s) + bias) over the last dim; saves s and the float32 probs."""
+
+    @staticmethod
+    def forward(ctx, s, bias, *params):
+        p = _modulated_probs(s, bias, params)
+        ctx.save_for_backward(s, p, *params)
+        ctx.bias_shape = None if bias is None else bias.shape
+        return p.to(s.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        s, p, *params = ctx.saved_tensors
+        g = _f32(grad)
+        dy = p * (g - (p * g).sum(-1, keepdim=True))  # through the softmax
+        ds, grads = modulate_backward(_f32(s), dy, _params32(tuple(params)))
+        dbias = dy.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[1] else None
+        return (ds.to(s.dtype), dbias, *_param_grads(grads, tuple(params)))
+
+
+def modulated_softmax(
+    scores: torch.Tensor, modulation: ScoreModulation, bias: Optional[torch.Tensor] = None
+) -> torch.Tensor:
+    """softmax(φ(scores·f) + bias·f) over the last dim (f = ``modulation.scale_factor``), in float32
+    with autocast off, returned in the scores' dtype. ``bias``: float additive mask."""
+    factor = modulation.scale_factor
+    with torch.autocast(scores.device.type, enabled=False):
+        if factor != 1.0:
+            scores = scores * factor
+            bias = None if bias is None else bias * factor
+        inputs = (scores, bias, *modulation.params)
+        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+            return _ModulatedSoftmax.apply(*inputs)
+        # no gradient needed: plain ops (and no autograd.Function for torch.compile to trace)
+        return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
+
+
+# ----------------------------------------------------------------------------- chunked path
+
+# Custom ops, not an autograd Function: torch.compile treats them as opaque, so it neither
+# breaks the graph at them nor merges the backward's recomputation with the forward (which
+# would bring back the saved N×N scores).
+
+@torch.library.custom_op("multimax::chunked_attention_fwd", mutates_args=())
+def _chunked_fwd(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor],
+    params: List[torch.Tensor], scale: float, chunk: int,
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(out, lse): out (B, H, N, D) in v's dtype, lse (B, H, N) the row logsumexp of φ(scores)."""
+    p32 = _params32(tuple(params))
+    out = torch.empty_like(v, memory_format=torch.contiguous_format)
+    lse = torch.empty(q.shape[:-1], dtype=_acc_dtype(q), device=q.device)
+    with torch.autocast(q.device.type, enabled=False):
+        for i in range(0, q.shape[-2], chunk):
+            rows = slice(i, i + chunk)
+            y = _chunk_logits(q[..., rows, :] * scale, k, p32, bias, rows)[1]
+            lse_c = torch.logsumexp(y, dim=-1, keepdim=True)
+            out[..., rows, :] = y.sub_(lse_c).exp_().to(v.dtype) @ v  # y is a fresh chunk: in place
+            lse[..., rows] = lse_c.squeeze(-1)
+    return out, lse
+
+
+@_chunked_fwd.register_fake
+def _(q, k, v, bias, params, scale, chunk):
+    return torch.empty_like(v, memory_format=torch.contiguous_format), q.new_empty(q.shape[:-1], dtype=_acc_dtype(q))
+
+
+def _chunk_logits(
+    q_c: torch.Tensor, k: torch.Tensor, params: Params, bias: Optional[torch.Tensor], rows: slice
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """Scores s = q_c·kᵀ (float32) of one query chunk, and φ(s) + bias."""
+    s = _f32(q_c @ k.transpose(-2, -1))
+    y = modulate(s, params)
+    return s, y if bias is None else y + bias[..., rows, :]
+
+
+@torch.library.custom_op("multimax::chunked_attention_bwd", mutates_args=())
+def _chunked_bwd(
+    dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lse: torch.Tensor,
+    bias: Optional[torch.Tensor], params: List[torch.Tensor], scale: float, chunk: int,
+) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, List[torch.Tensor]]:
+    """(dq, dk, dv, d params), recomputing each chunk's scores and probabilities."""
+    p32 = _params32(tuple(params))
+    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
+    dk = torch.zeros(k.shape, dtype=_acc_dtype(k), device=k.device)  # summed over chunks
+    dv = torch.zeros(v.shape, dtype=_acc_dtype(v), device=v.device)
+    grads: List[torch.Tensor] = []
+    with torch.autocast(q.device.type, enabled=False):
+        for i in range(0, q.shape[-2], chunk):
+            rows = slice(i, i + chunk)
+            q_c, dout_c = q[..., rows, :] * scale, dout[..., rows, :]
+            s, y = _chunk_logits(q_c, k, p32, bias, rows)
+            # in place where the chunk's tensors are fresh (y is s itself for softmax: keep s)
+            p = torch.exp(y - lse[..., rows, None]) if y is s else y.sub_(lse[..., rows, None]).exp_()
+            del y
+            dv += _f32(p.to(v.dtype).transpose(-2, -1) @ dout_c)
+            dp = _f32(dout_c @ v.transpose(-2, -1))
+            dy = dp.sub_((p * dp).sum(-1, keepdim=True)).mul_(p)  # softmax backward
+            del p, dp
+            ds, chunk_grads = modulate_backward(s, dy, p32)
+            del s, dy
+            grads = chunk_grads if not grads else [a + b for a, b in zip(grads, chunk_grads)]
+            ds = ds.to(q.dtype)
+            dq[..., rows, :] = (ds @ k) * scale
+            dk += _f32(ds.transpose(-2, -1) @ q_c)
+    return dq, dk.to(k.dtype), dv.to(v.dtype), list(_param_grads(grads, tuple(params)))
+
+
+@_chunked_bwd.register_fake
+def _(dout, q, k, v, lse, bias, params, scale, chunk):
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), [p.new_empty(p.shape) for p in params]
+
+
+def _chunked_setup_context(ctx, inputs, output) -> None:
+    q, k, v, bias, params, scale, chunk = inputs
+    ctx.save_for_backward(q, k, v, output[1], bias, *params)
+    ctx.scale, ctx.chunk = scale, chunk
+
+
+def _chunked_backward(ctx, dout, dlse):
+    q, k, v, lse, bias, *params = ctx.saved_tensors
+    dq, dk, dv, dparams = _chunked_bwd(dout, q, k, v, lse, bias, params, ctx.scale, ctx.chunk)
+    return dq, dk, dv, None, dparams, None, None
+
+
+_chunked_fwd.register_autograd(_chunked_backward, setup_context=_chunked_setup_context)
+
+
+def chunked_attention(
+    q: torch.Tensor,
+    k: torch.Tensor,
+    v: torch.Tensor,
+    modulation: ScoreModulation,
+    scale: float,
+    bias: Optional[torch.Tensor] = None,
+    chunk_size: Optional[int] = None,
+) -> torch.Tensor:
+    """Memory-efficient attention: q, k, v (B, H, N, D) → (B, H, N, D) in v's dtype.
+
+    ``bias``: optional constant float additive mask broadcastable to (B, H, N, N). Scores are
+    computed in q's dtype (as the explicit path does under autocast), φ and the softmax in
+    float32. Saved for backward: q, k, v and the row logsumexp (B, H, N); scores, φ and the
+    probabilities only ever exist for one chunk of ``chunk_size`` query rows (default: as many
+    as fit ``CHUNK_ELEMENTS``).
+    """
+    if chunk_size is None:
+        chunk_size = max(1, CHUNK_ELEMENTS // (math.prod(q.shape[:-2]) * k.shape[-2]))
+    if chunk_size < 1:
+        raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
+    factor = modulation.scale_factor
+    if bias is not None:
+        if bias.requires_grad:
+            raise ValueError("attention backend 'chunked' takes constant masks only (no gradient)")
+        bias = (bias.expand(*q.shape[:-2], q.shape[-2], k.shape[-2]) * factor).contiguous()
+    return _chunked_fwd(q, k, v, bias, list(modulation.params), scale * factor, chunk_size)[0]
+
+
+# ----------------------------------------------------------------------------- flex path
+
+_compiled_flex: Optional[Callable[..., torch.Tensor]] = None
+
+
+@torch.compiler.assume_constant_result  # a fact of the install: compiled code needs no guard
+def _flex_on_cuda() -> bool:
+    """flex importable and Triton usable (flex's CUDA kernels are Triton templates)."""
+    from torch.utils._triton import has_triton
+
+    return _FLEX_IMPORTABLE and has_triton()
+
+
+def flex_available(device: torch.device) -> bool:
+    """Whether flex attention can run on ``device`` in this install (CPU: forward only)."""
+    if device.type == "cuda":
+        return _flex_on_cuda()
+    return _FLEX_IMPORTABLE and device.type == "cpu"
+
+
+def _flex() -> Callable[..., torch.Tensor]:
+    """flex_attention, compiled once per process; inside a compiled model the raw op is traced."""
+    global _compiled_flex
+    if torch.compiler.is_compiling():
+        return _flex_attention
+    if _compiled_flex is None:
+        _compiled_flex = torch.compile(_flex_attention, dynamic=False)
+    return _compiled_flex
+
+
+def flex_attention_with(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modulation: ScoreModulation, scale: float
+) -> torch.Tensor:
+    """softmax(φ(q·kᵀ·scale)) @ v with flex attention; φ is the ``score_mod``.
+
+    flex applies ``score_mod`` to q·kᵀ·``scale``, the same scaled scores σ sees in the explicit
+    path. Raises NotImplementedError where flex has no backward (CPU) and a gradient is needed.
+    """
+    if not flex_available(q.device):
+        raise NotImplementedError(
+            f"attention backend 'flex' is not usable on {q.device.type} here (needs torch with flex "
+            "attention; on CUDA also Triton); use backend 'auto', 'explicit' or 'chunked'"
+        )
+    needs_grad = torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v, *modulation.params))
+    if needs_grad and q.device.type != "cuda":
+        raise NotImplementedError(
+            f"attention backend 'flex' has no backward on {q.device.type} in torch {torch.__version__}; "
+            "run it under torch.no_grad() / inference_mode(), or use backend 'chunked' or 'explicit'"
+        )
+    params = _params32(modulation.params)
+    score_mod = None
+    if params:
+        def score_mod(score, b, h, q_idx, kv_idx):  # flex's fixed signature
+            return modulate(score, params)
+    out = _flex()(q, k, v, score_mod=score_mod, scale=scale * modulation.scale_factor)
+    return out.to(v.dtype)
+
+
+__all__ = [
+    "CHUNK_ELEMENTS", "FUSED_NORMALIZERS", "ScoreModulation", "modulate", "modulate_backward",
+    "modulated_softmax", "chunked_attention", "flex_attention_with", "flex_available",
+]
