@@ -236,7 +236,7 @@ def main(argv=None) -> int:
                       f"images {result['num_images']} ({result['throughput']['img_per_s']:.0f} img/s) -> {out}",
                       flush=True)
         return 0
-    except UserError as e:
+    except (UserError, CheckpointMismatchError) as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return 2
     finally:

@@ -1,185 +1,332 @@
 #!/usr/bin/env python
-"""Attention maps of one image: the attention of a query patch per layer and head, and the
-attention rollout, for one checkpoint or two side by side (e.g. softmax vs MultiMax).
+"""Attention maps of one image for one checkpoint, or two side by side (e.g. softmax vs MultiMax):
+the attention of a query patch in every layer and head, and the attention rollout.
 
     python scripts/attention_maps.py --checkpoint runs/quickstart/best.pth --dataset-index 0 --out maps.png
-    python scripts/attention_maps.py --checkpoint mm.pth --compare gap.pth --image cat.jpg --query 7 7 --pdf
+    python scripts/attention_maps.py --checkpoint mm/best.pth --compare gap/best.pth --image cat.jpg --query 7 7 --pdf
+    python scripts/attention_maps.py --checkpoint paper_ckpt.pth --model deit_small_multimax_patch16_224 \\
+        --compare deit_small_gap.pth --compare-model deit_small_gap_patch16_224 --image cat.jpg
 
-The image goes through the checkpoint's eval preprocessing. Rollout (Abnar & Zuidema, 2020):
-heads averaged, identity added, rows renormalised, multiplied over layers. These models have
-no class token, so the panel shows the rollout averaged over all query tokens: how much each
-patch feeds the pooled representation.
+Checkpoints are read as eval.py reads them: ours carry their config; foreign ones (the paper's
+code, timm/DeiT) need ``--model`` (``--compare-model``) and get that model's timm preprocessing.
+The image (a file, or image N of the checkpoint's configured val split) goes through each
+checkpoint's eval transform (img_size, crop_pct, interpolation, mean/std) and is shown
+de-normalised. Trailing ``key=value`` arguments override every checkpoint's config (e.g.
+``data.root=/data/imagenet`` for ``--dataset-index``).
+
+Query panels: row = layer, column = head; the heat map over each patch is the query patch's
+attention weight on it (0 = black, the panel's maximum = brightest, printed in its corner); the
+query patch is outlined.
+
+Rollout (Abnar & Zuidema, 2020): heads averaged, identity added (the residual path), rows
+renormalised, then multiplied over layers. The usual panel is the class token's row; these
+models have no class token and pool all tokens, so the panel shows the rollout averaged over
+all query tokens: how much each input patch feeds the pooled representation.
 """
 from __future__ import annotations
 
 import argparse
 import os
 import sys
-from types import SimpleNamespace
-from typing import List, Optional, Tuple
+from dataclasses import dataclass
+from typing import List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import torch  # noqa: E402
-import torch.nn.functional as F  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
+from matplotlib.figure import Figure  # noqa: E402
+from matplotlib.patches import Rectangle  # noqa: E402
+from PIL import Image, UnidentifiedImageError  # noqa: E402
+from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import models  # noqa: E402
+from data.datasets import (  # noqa: E402
+    FASHION_MNIST_MEAN, FASHION_MNIST_NAMES, FASHION_MNIST_STD, GRAY_MEAN, GRAY_STD, IMAGEFOLDER_NAMES,
+    base_dataset, create_dataset, take_subset,
+)
+from data.transforms import eval_transform  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
+from engine.config import Config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.model import build_model  # noqa: E402
 from engine.plots import save_figure  # noqa: E402
-from models.weights import CheckpointMismatchError  # noqa: E402
+from eval import parse_args as eval_args  # noqa: E402
+from eval import resolve_config  # noqa: E402
+from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
+
+# ---------------------------------------------------------------- math
 
 
-def rollout(probs: List[torch.Tensor]) -> torch.Tensor:
-    """Attention rollout over layers: probs[l] is (H, N, N) → (N, N), rows summing to 1."""
+def rollout(probs: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Attention rollout: ``probs[l]`` is layer l's attention (H, N, N), rows = queries.
+    Returns R = Â_L ⋯ Â_1 (N, N) in float64 with Â_l = rownorm(mean_h A_l + I); R[i, j] is how
+    much token i after the last layer draws on input token j, each row sums to 1."""
     n = probs[0].shape[-1]
     eye = torch.eye(n, dtype=torch.float64)
     out = eye
     for p in probs:
         a = p.double().mean(0) + eye
-        a = a / a.sum(-1, keepdim=True)
-        out = a @ out
+        out = (a / a.sum(-1, keepdim=True)) @ out
     return out
 
 
-def load_model(path: str, model_name: Optional[str], use_ema: bool):
-    """A model (eval mode) and its config from any checkpoint, as eval.py builds it."""
-    from eval import resolve_config
+def rollout_map(probs: Sequence[torch.Tensor], grid: Tuple[int, int], prefix: int = 0) -> torch.Tensor:
+    """The rollout averaged over the patch queries, on the patch keys: (gh, gw), sums to 1
+    without prefix (class/register) tokens."""
+    return rollout(probs)[prefix:, prefix:].mean(0).reshape(grid)
 
+
+def query_maps(probs: Sequence[torch.Tensor], query: Tuple[int, int], grid: Tuple[int, int],
+               prefix: int = 0) -> torch.Tensor:
+    """Attention of the query patch (row, col) on every patch: (L, H, gh, gw) from per-layer (H, N, N)."""
+    q = prefix + query[0] * grid[1] + query[1]
+    return torch.stack([p[:, q, prefix:] for p in probs]).float().reshape(len(probs), -1, *grid)
+
+
+# ---------------------------------------------------------------- checkpoint, image, attention
+
+
+def load_model(path: str, model_name: Optional[str], use_ema: bool,
+               overrides: Sequence[str] = ()) -> Tuple[nn.Module, Config]:
+    """The model (eval mode, CPU) and config of any checkpoint, resolved as eval.py does.
+    Classes and input channels that the config leaves to the dataset are read off the weights,
+    so that no dataset is needed to build the model."""
     ckpt = load_checkpoint(path)
-    args = SimpleNamespace(config=None, checkpoint=path, model=model_name, use_ema=use_ema, overrides=[],
-                           data_root=None, dataset=None, split=None, batch_size=None, workers=None,
-                           img_size=None, crop_pct=None, interpolation=None, mean=None, std=None,
-                           amp=None, device=None)
-    cfg = resolve_config(args, ckpt)
-    model = build_model(cfg.model, cfg.model.num_classes or 10, cfg.model.in_chans)
+    argv = ["--checkpoint", path, *(["--model", model_name] if model_name else []),
+            *(["--use-ema"] if use_ema else []), *overrides]
+    try:
+        cfg = resolve_config(eval_args(argv), ckpt)
+        sd = extract_state_dict(ckpt, use_ema)
+    except CheckpointMismatchError as e:  # no (EMA) weights in it
+        raise UserError(f"{path}: {e}") from None
+    model = build_model(cfg.model, _weight_dim(sd, "head.weight", 0), _weight_dim(sd, "patch_embed.proj.weight", 1))
     try:
         models.load_weights(model, ckpt, use_ema=use_ema)
     except CheckpointMismatchError as e:
-        # num_classes / in_chans come from the dataset when the config leaves them open
-        from models.weights import extract_state_dict
-
-        sd = extract_state_dict(ckpt, use_ema)
-        if "head.weight" in sd and "patch_embed.proj.weight" in sd:
-            model = build_model(cfg.model, sd["head.weight"].shape[0], sd["patch_embed.proj.weight"].shape[1])
-            models.load_weights(model, ckpt, use_ema=use_ema)
-        else:
-            raise UserError(f"{path}: {e}") from None
+        raise UserError(f"{path} does not fit model {cfg.model.name}: {e}") from None
     return model.eval(), cfg
 
 
-def load_image(cfg, model, image: Optional[str], index: Optional[int]) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(model input (1, C, H, W), display image (H, W) or (H, W, 3) in [0, 1])."""
-    from PIL import Image
+def _weight_dim(sd: dict, suffix: str, dim: int) -> Optional[int]:
+    """Size ``dim`` of the tensor whose key ends with ``suffix`` (any DDP/compile prefix), or None."""
+    for key, value in sd.items():
+        if key == suffix or key.endswith("." + suffix):
+            return int(value.shape[dim])
+    return None
 
-    from data import build_eval_loader
-    from data.transforms import eval_transform
 
+def normalization(cfg: Config, in_chans: int) -> Tuple[List[float], List[float]]:
+    """mean/std of the eval transform: ``data.mean``/``data.std``, else the defaults data/ gives
+    the configured dataset (Fashion-MNIST's; ImageNet's for folders and RGB; 0.5 for grey)."""
     d = cfg.data
-    if image is not None:
-        if not os.path.isfile(image):
-            raise UserError(f"--image: {image} does not exist")
-        try:
-            pil = Image.open(image)
-            pil.load()
-        except OSError as e:
-            raise UserError(f"--image: cannot read {image}: {e}") from None
-        chans = model.patch_embed.proj.weight.shape[1]
-        pcfg = getattr(model, "pretrained_cfg", {}) or {}
-        default_mean, default_std = pcfg.get("mean", ()), pcfg.get("std", ())
-        if len(default_mean) != chans:
-            default_mean, default_std = [0.5] * chans, [0.5] * chans
-        mean, std = list(d.mean or default_mean), list(d.std or default_std)
-        x = eval_transform(cfg.model.img_size, d.crop_pct, d.interpolation, mean, std)(pil)
+    if d.dataset.lower() in FASHION_MNIST_NAMES:
+        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    elif d.dataset.lower() in IMAGEFOLDER_NAMES or in_chans == 3:
+        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
     else:
-        loader, info = build_eval_loader(d, cfg.model.img_size, 0, 1)
-        mean, std = d.mean or info.mean, d.std or info.std
-        if not 0 <= index < len(loader.dataset):
-            raise UserError(f"--dataset-index {index} is outside the dataset (0..{len(loader.dataset) - 1})")
-        x = loader.dataset[index][0]
+        mean, std = GRAY_MEAN, GRAY_STD
+    return list(d.mean or mean), list(d.std or std)
+
+
+def read_image(path: str) -> Image.Image:
+    """A PNG/JPEG/... file as a PIL image; a missing or unreadable file is a UserError."""
+    if not os.path.isfile(path):
+        raise UserError(f"--image: {path} does not exist")
+    try:
+        img = Image.open(path)
+        img.load()
+    except (OSError, UnidentifiedImageError) as e:
+        raise UserError(f"--image: cannot read {path}: {e}") from None
+    return img
+
+
+def dataset_image(cfg: Config, index: int) -> Tuple[Image.Image, str]:
+    """Image ``index`` of the configured val split (after ``data.max_val_samples``), untransformed,
+    and a caption naming it and its class."""
+    ds, _ = create_dataset(cfg.data, cfg.data.val_split, training=False)
+    ds = take_subset(ds, cfg.data.max_val_samples)
+    if not 0 <= index < len(ds):
+        raise UserError(f"--dataset-index {index} is outside {cfg.data.dataset} {cfg.data.val_split} "
+                        f"(0..{len(ds) - 1})")
+    img, target = ds[index]
+    classes = getattr(base_dataset(ds), "classes", None)
+    name = f" ({classes[target]})" if classes and 0 <= target < len(classes) else ""
+    return img, f"{cfg.data.dataset} {cfg.data.val_split} image {index}, class {target}{name}"
+
+
+def preprocess(img: Image.Image, cfg: Config, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
+    """(model input (1, C, S, S), the same image de-normalised in [0, 1]: (S, S) grey or (S, S, 3))."""
+    mean, std = normalization(cfg, in_chans)
+    if len(mean) != in_chans or len(std) != in_chans:
+        raise UserError(f"data.mean {mean} / data.std {std}: the model takes {in_chans} channel(s)")
+    d = cfg.data
+    x = eval_transform(cfg.model.img_size, d.crop_pct, d.interpolation, mean, std)(img)
     shown = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
-    shown = shown[0] if shown.shape[0] == 1 else shown.permute(1, 2, 0)
-    return x[None], shown
+    return x[None], shown[0] if in_chans == 1 else shown.permute(1, 2, 0)
 
 
-def attention_of(model, x: torch.Tensor) -> List[torch.Tensor]:
+def record(model: nn.Module, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
+    """One forward of ``x`` (1, C, S, S): per-layer attention (H, N, N) in layer order, and logits (classes,)."""
     with torch.no_grad(), models.record_attention(model) as rec:
-        model(x)
-    return [rec.probs[name][0][0].float() for name in rec.probs]  # per layer (H, N, N)
+        logits = model(x)
+    return [p[0][0].float() for p in rec.probs.values()], logits[0]
 
 
-def upsample(v: torch.Tensor, grid: int, size: Tuple[int, int]) -> torch.Tensor:
-    return F.interpolate(v.reshape(1, 1, grid, grid), size=size, mode="bilinear", align_corners=False)[0, 0]
+@dataclass
+class Maps:
+    """One checkpoint's maps on one image, ready to draw."""
+
+    label: str
+    image: torch.Tensor          # (S, S) grey or (S, S, 3), in [0, 1]
+    query: torch.Tensor          # (L, H, gh, gw): attention of the query patch
+    rollout: torch.Tensor        # (gh, gw)
+    patch: Tuple[int, int]       # patch height/width in image pixels
 
 
-def draw(rows, shown: torch.Tensor, query: Tuple[int, int], grid: int):
-    """rows: [(label, probs per layer)] → a figure: per model, layers × heads + rollout column."""
-    from matplotlib.figure import Figure
+def patch_query(query: Optional[Sequence[int]], grid: Tuple[int, int], path: str) -> Tuple[int, int]:
+    """``--query`` checked against the patch grid of ``path``'s model; None → the centre patch."""
+    if query is None:
+        return grid[0] // 2, grid[1] // 2
+    row, col = query
+    if not (0 <= row < grid[0] and 0 <= col < grid[1]):
+        raise UserError(f"--query {row} {col} is outside the {grid[0]}x{grid[1]} patch grid of {path} "
+                        f"(rows 0..{grid[0] - 1}, cols 0..{grid[1] - 1})")
+    return row, col
 
-    depth = max(len(p) for _, p in rows)
-    heads = max(p[0].shape[0] for _, p in rows)
-    cols = heads + 2
-    fig = Figure(figsize=(1.6 * cols, 1.6 * depth * len(rows) + 0.4 * len(rows)))
-    size = tuple(shown.shape[:2])
-    q = query[0] * grid + query[1]
-    cmap = "gray" if shown.ndim == 2 else None
-    for r, (label, probs) in enumerate(rows):
-        for layer, p in enumerate(probs):
-            base = (r * depth + layer) * cols
-            ax = fig.add_subplot(depth * len(rows), cols, base + 1)
-            ax.imshow(shown, cmap=cmap)
-            ax.scatter([(query[1] + 0.5) * size[1] / grid], [(query[0] + 0.5) * size[0] / grid], c="red", s=12)
-            ax.set_ylabel(f"{label}\nlayer {layer}" if layer == 0 else f"layer {layer}", fontsize=7)
+
+def model_maps(model: nn.Module, cfg: Config, image: Image.Image, query: Tuple[int, int], label: str) -> Maps:
+    """Run ``image`` through ``model`` with ``cfg``'s eval preprocessing and collect its maps."""
+    embed = model.patch_embed
+    x, shown = preprocess(image, cfg, embed.proj.weight.shape[1])
+    probs, logits = record(model, x)
+    grid, prefix = tuple(embed.grid_size), getattr(model, "num_prefix_tokens", 0)
+    label = f"{label}: {cfg.model.name}, {_attention_kind(model)} attention, predicts class {int(logits.argmax())}"
+    return Maps(label, shown, query_maps(probs, query, grid, prefix), rollout_map(probs, grid, prefix).float(),
+                tuple(embed.patch_size))
+
+
+def _attention_kind(model: nn.Module) -> str:
+    """The normalizer name of the model's attention layers, e.g. 'multimax' or 'softmax'."""
+    names = {m.normalizer.name for m in model.modules() if isinstance(m, models.MultiMaxAttention)}
+    return "/".join(sorted(names))
+
+
+def _short_path(path: str) -> str:
+    """'runs/quickstart/best.pth' → 'quickstart/best.pth' (the run directory names the model)."""
+    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
+    return os.path.join(parent, os.path.basename(path)) if parent else os.path.basename(path)
+
+
+# ---------------------------------------------------------------- figure
+
+
+def attention_figure(panels: Sequence[Maps], query: Tuple[int, int], title: str = "") -> Figure:
+    """One block per checkpoint, stacked: first column the input (query patch outlined) and the
+    rollout below it; then one column per head, one row per layer, the query's attention."""
+    depth = max(m.query.shape[0] for m in panels)
+    heads = max(m.query.shape[1] for m in panels)
+    rows, cols = max(depth, 2), heads + 1
+    fig = Figure(figsize=(1.45 * cols + 0.3, (1.45 * rows + 0.45) * len(panels) + 0.3), layout="constrained")
+    FigureCanvasAgg(fig)
+    for sub, maps in zip(fig.subfigures(len(panels), 1, squeeze=False)[:, 0], panels):
+        sub.suptitle(maps.label, fontsize=9)
+        axes = sub.subplots(rows, cols, squeeze=False)
+        for ax in axes.flat:
             ax.set_xticks([])
             ax.set_yticks([])
-            for h in range(p.shape[0]):
-                ax = fig.add_subplot(depth * len(rows), cols, base + 2 + h)
-                ax.imshow(shown, cmap=cmap)
-                ax.imshow(upsample(p[h, q], grid, size), alpha=0.6, cmap="inferno")
-                ax.set_axis_off()
-                if r == 0 and layer == 0:
-                    ax.set_title(f"head {h}", fontsize=8)
-            if layer == 0:
-                ax = fig.add_subplot(depth * len(rows), cols, base + cols)
-                ax.imshow(shown, cmap=cmap)
-                ax.imshow(upsample(rollout(probs).mean(0).float(), grid, size), alpha=0.6, cmap="inferno")
-                ax.set_title("rollout", fontsize=8)
-                ax.set_axis_off()
-    fig.tight_layout()
+        _draw(axes[0, 0], maps, None, query)
+        axes[0, 0].set_title(f"input, query {query[0]},{query[1]}", fontsize=8)
+        _draw(axes[1, 0], maps, maps.rollout, None)
+        axes[1, 0].set_title("rollout (all queries)", fontsize=8)
+        for ax in axes[2:, 0]:
+            ax.set_visible(False)
+        for layer in range(rows):
+            for head in range(heads):
+                ax = axes[layer, head + 1]
+                if layer >= maps.query.shape[0] or head >= maps.query.shape[1]:
+                    ax.set_visible(False)
+                    continue
+                _draw(ax, maps, maps.query[layer, head], query)
+                if layer == 0:
+                    ax.set_title(f"head {head}", fontsize=8)
+                if head == 0:
+                    ax.set_ylabel(f"layer {layer}", fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     return fig
 
 
-def main(argv=None) -> int:
+def _draw(ax, maps: Maps, heat: Optional[torch.Tensor], query: Optional[Tuple[int, int]]) -> None:
+    """The image, ``heat`` (gh, gw) over it patch by patch (0 black, its maximum brightest; the
+    maximum printed in the corner), and the query patch outlined."""
+    height, width = maps.image.shape[:2]
+    ph, pw = maps.patch
+    ax.imshow(maps.image, cmap="gray" if maps.image.ndim == 2 else None, vmin=0, vmax=1,
+              extent=(0, width, height, 0))
+    if heat is not None:
+        top = float(heat.max())
+        ax.imshow(heat, cmap="inferno", alpha=0.65, vmin=0, vmax=top if top > 0 else 1, interpolation="nearest",
+                  extent=(0, heat.shape[1] * pw, heat.shape[0] * ph, 0))
+        ax.text(0.03, 0.97, f"{top:.2f}", transform=ax.transAxes, ha="left", va="top", fontsize=6, color="white")
+    if query is not None:
+        ax.add_patch(Rectangle((query[1] * pw, query[0] * ph), pw, ph, fill=False, edgecolor="cyan", linewidth=1.2))
+    ax.set_xlim(0, width)
+    ax.set_ylim(height, 0)
+
+
+# ---------------------------------------------------------------- CLI
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--checkpoint", required=True)
-    p.add_argument("--model", help="model name for foreign checkpoints")
-    p.add_argument("--compare", help="a second checkpoint shown below the first")
-    p.add_argument("--compare-model", help="model name for a foreign --compare checkpoint")
-    src = p.add_mutually_exclusive_group()
-    src.add_argument("--image", help="an image file")
-    src.add_argument("--dataset-index", type=int, default=0, help="image N of the configured val set")
-    p.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"), help="query patch (default: centre)")
-    p.add_argument("--use-ema", action="store_true")
-    p.add_argument("--out", default="attention_maps.png")
-    p.add_argument("--pdf", action="store_true")
-    args = p.parse_args(argv)
+    p.add_argument("--checkpoint", required=True, help="checkpoint (ours, the paper's code's, timm/DeiT)")
+    p.add_argument("--model", help="registered model name, for a foreign --checkpoint")
+    p.add_argument("--compare", help="a second checkpoint, drawn below the first on the same image and query")
+    p.add_argument("--compare-model", help="registered model name, for a foreign --compare checkpoint")
+    src = p.add_mutually_exclusive_group(required=True)
+    src.add_argument("--image", help="an image file (PNG, JPEG, ...)")
+    src.add_argument("--dataset-index", type=int, metavar="N", help="image N of the first checkpoint's val split")
+    p.add_argument("--query", type=int, nargs=2, metavar=("ROW", "COL"),
+                   help="query patch in patch-grid coordinates (default: the centre patch)")
+    p.add_argument("--use-ema", action="store_true", help="the checkpoints' EMA weights")
+    p.add_argument("--out", default="attention_maps.png", help="output PNG (default: %(default)s)")
+    p.add_argument("--pdf", action="store_true", help="also write a PDF next to the PNG")
+    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("overrides", nargs="*", help="dotted config overrides for every checkpoint, e.g. data.root=...")
+    return p.parse_args(argv)
+
+
+def run(args: argparse.Namespace) -> List[str]:
+    """Draw the figure the arguments ask for; returns the written paths."""
+    image = read_image(args.image) if args.image else None
+    caption = os.path.basename(args.image) if args.image else ""
+    checkpoints = [(args.checkpoint, args.model)] + ([(args.compare, args.compare_model)] if args.compare else [])
+    panels, grids = [], []
+    for path, name in checkpoints:
+        model, cfg = load_model(path, name, args.use_ema, args.overrides)
+        if image is None:  # the first checkpoint's val split; a compared model sees the same raw image
+            image, caption = dataset_image(cfg, args.dataset_index)
+        grids.append(tuple(model.patch_embed.grid_size))
+        query = patch_query(args.query, grids[-1], path)
+        if grids[-1] != grids[0]:
+            raise UserError(f"--compare: {path} has a {grids[-1][0]}x{grids[-1][1]} patch grid, {args.checkpoint} "
+                            f"{grids[0][0]}x{grids[0][1]}: one query needs one grid")
+        label = _short_path(path) + (" (EMA)" if args.use_ema else "")
+        panels.append(model_maps(model, cfg, image, query, label))
+    return save_figure(attention_figure(panels, query, caption), args.out, args.pdf, args.dpi)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> int:
+    args = parse_args(argv)
     try:
-        model, cfg = load_model(args.checkpoint, args.model, args.use_ema)
-        x, shown = load_image(cfg, model, args.image, None if args.image else args.dataset_index)
-        grid = model.patch_embed.grid_size[0]
-        query = tuple(args.query) if args.query else (grid // 2, grid // 2)
-        if not all(0 <= c < grid for c in query):
-            raise UserError(f"--query {query[0]} {query[1]} is outside the {grid}x{grid} patch grid")
-        rows = [(f"{cfg.model.attn_normalizer}", attention_of(model, x))]
-        if args.compare:
-            other, ocfg = load_model(args.compare, args.compare_model, args.use_ema)
-            rows.append((f"{ocfg.model.attn_normalizer}", attention_of(other, x)))
-        save_figure(draw(rows, shown, query, grid), args.out, pdf=args.pdf)
+        paths = run(args)
     except UserError as e:
         print(f"attention_maps.py: error: {e}", file=sys.stderr)
         return 2
-    print(f"wrote {args.out}")
+    for path in paths:
+        print(f"wrote {path}")
     return 0
 
 
