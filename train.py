@@ -20,7 +20,7 @@ from engine import distributed as dist
 from engine.checkpoint import CheckpointManager, save_checkpoint
 from engine.config import effective_lr, load_config
 from engine.errors import UserError
-from engine.loop import NonFiniteLossError, TrainState, build_criterion, evaluate, train_one_epoch
+from engine.loop import NonFiniteLossError, build_criterion, evaluate, train_one_epoch
 from engine.logger import RunLogger, console
 from engine.model import EMA, build_model, unwrap
 from engine.optim import build_optimizer, build_schedule, describe_groups

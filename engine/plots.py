@@ -244,3 +244,18 @@ def save_figure(fig: Figure, out: str, pdf: bool = False, dpi: int = 150) -> Lis
 __all__ = ["ModulatorParams", "modulators_from_state_dict", "model_curves", "modulator_curve", "short_name", "modulator_figure",
            "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
            "save_figure"]
+
+
+def figure_script_main(script: str, parse_args, run, argv=None) -> int:
+    """The entry of a figure script: parse, run, print written paths; a UserError is one line, exit 2."""
+    import sys
+
+    args = parse_args(argv)
+    try:
+        paths = run(args)
+    except UserError as e:
+        print(f"{script}: error: {e}", file=sys.stderr)
+        return 2
+    for path in paths:
+        print(f"wrote {path}")
+    return 0

@@ -13,7 +13,7 @@ import torch.nn as nn
 import yaml
 
 from . import distributed as dist
-from .checkpoint import capture_rng_state, find_resume_checkpoint, load_checkpoint, restore_rng_state
+from .checkpoint import capture_rng_state, find_resume_checkpoint, load_checkpoint
 from .config import config_to_dict, dump_config, resolve_config
 from .errors import UserError
 from .logger import console, truncate_jsonl

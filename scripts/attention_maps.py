@@ -51,7 +51,7 @@ from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.model import build_model  # noqa: E402
-from engine.plots import save_figure  # noqa: E402
+from engine.plots import figure_script_main, save_figure  # noqa: E402
 from eval import parse_args as eval_args  # noqa: E402
 from eval import resolve_config  # noqa: E402
 from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
@@ -319,15 +319,7 @@ def run(args: argparse.Namespace) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        paths = run(args)
-    except UserError as e:
-        print(f"attention_maps.py: error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    return figure_script_main("attention_maps.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

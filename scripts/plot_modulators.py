@@ -21,6 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
+    figure_script_main,
     ModulatorParams, modulator_evolution_figure, modulators_from_state_dict, save_figure,
 )
 from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
@@ -75,15 +76,7 @@ def run(args: argparse.Namespace) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        paths = run(args)
-    except UserError as e:
-        print(f"plot_modulators.py: error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    return figure_script_main("plot_modulators.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":

@@ -29,6 +29,7 @@ from engine.attn_stats import multimodality, sparsity  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
+    figure_script_main,
     ModulatorParams, SimplexSeries, modulator_curve, modulators_from_state_dict, save_figure,
     short_name, simplex_figure,
 )
@@ -177,15 +178,7 @@ def run(args: argparse.Namespace) -> List[str]:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    args = parse_args(argv)
-    try:
-        paths = run(args)
-    except UserError as e:
-        print(f"plot_simplex.py: error: {e}", file=sys.stderr)
-        return 2
-    for path in paths:
-        print(f"wrote {path}")
-    return 0
+    return figure_script_main("plot_simplex.py", parse_args, run, argv)
 
 
 if __name__ == "__main__":
