@@ -9,7 +9,9 @@ Backends (``backend=``):
 - ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v. Materialises the
   (B, H, N, N) scores. For MultiMax, σ + softmax is one autograd Function
   (``attention_kernels.modulated_softmax``) that saves only scores and probabilities; free of
-  graph breaks, so torch.compile fuses σ, the softmax and their backward.
+  graph breaks, so torch.compile fuses σ, the softmax and their backward. Inference (no
+  gradient) on CPU runs in cache-sized blocks of (batch, head) pairs
+  (``attention_kernels.modulated_attention``).
 - ``flex``: ``flex_attention`` with ``score_mod`` = σ (see ``models.attention_kernels``);
   multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
 - ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
@@ -32,7 +34,7 @@ import torch.nn.functional as F
 
 from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
-    modulated_softmax,
+    modulated_attention, modulated_softmax,
 )
 from .multimax import NORMALIZERS, build_normalizer
 
@@ -153,6 +155,10 @@ class MultiMaxAttention(nn.Module):
     def _explicit(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> torch.Tensor:
+        dropout = self.training and self.attn_drop.p > 0
+        if self.normalizer.name == "multimax" and self._record is None and not dropout:
+            # σ + softmax (lean hand-written backward); inference: cache-sized blocks on CPU
+            return modulated_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
         scores = (q * self.scale) @ k.transpose(-2, -1)
         if self.normalizer.name == "multimax":  # σ + softmax with a lean hand-written backward
             probs = modulated_softmax(scores, ScoreModulation.of(self.normalizer), bias)

@@ -201,6 +201,64 @@ def modulated_softmax(
         return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
 
 
+def _modulated_logits(
+    qk: torch.Tensor, scale: float, bias: Optional[torch.Tensor], params: Params
+) -> torch.Tensor:
+    """φ(qk·scale) + bias in float32 (float64 stays)."""
+    y = modulate(_f32(qk) * scale, _params32(params))
+    return y if bias is None else y + bias
+
+
+# Scores of one block of (batch, head) pairs in the no-gradient CPU path: small enough to stay in
+# a core's L2 cache between the q·kᵀ product, φ + softmax and the product with v.
+CPU_BLOCK_ELEMENTS = 2 ** 17
+
+
+def modulated_attention(
+    q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modulation: ScoreModulation, scale: float,
+    bias: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """softmax(φ(q·kᵀ·scale·f) + bias·f) @ v (f = ``modulation.scale_factor``): the explicit path.
+
+    Scores in q's dtype, φ and the softmax in float32 with autocast off, the product with v in
+    v's dtype. With a gradient: ``modulated_softmax`` (saves scores and probabilities). Without
+    one (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks of
+    (batch, head) pairs whose scores fit in cache, so the (B, H, N, N) scores and probabilities
+    are never written out to main memory.
+    """
+    params = (q, k, v, bias, *modulation.params)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+        return modulated_softmax((q * scale) @ k.transpose(-2, -1), modulation, bias).to(v.dtype) @ v
+    factor = modulation.scale_factor
+    if bias is not None:
+        return _inference_block(q, k, v, scale * factor, bias * factor, modulation.params)
+    q2, k2, v2 = (t.flatten(0, -3) for t in (q, k, v))
+    per_block = _pairs_per_block(q.shape[-2] * k.shape[-2]) if q.device.type == "cpu" else None
+    if per_block is None or per_block >= q2.shape[0]:
+        out = _inference_block(q2, k2, v2, scale * factor, None, modulation.params)
+    else:
+        out = torch.cat([
+            _inference_block(a, b, c, scale * factor, None, modulation.params)
+            for a, b, c in zip(q2.split(per_block), k2.split(per_block), v2.split(per_block))
+        ])
+    return out.unflatten(0, q.shape[:-2])
+
+
+def _pairs_per_block(scores_per_pair) -> Optional[int]:
+    """(batch, head) pairs per CPU block; None under dynamic shapes (one block)."""
+    if isinstance(scores_per_pair, torch.SymInt):
+        return None
+    return max(1, CPU_BLOCK_ELEMENTS // scores_per_pair)
+
+
+def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
+    """The products under the caller's autocast, as in the gradient path; φ + softmax in float32."""
+    qk = q @ k.transpose(-2, -1)
+    with torch.autocast(v.device.type, enabled=False):
+        probs = torch.softmax(_modulated_logits(qk, scale, bias, params), dim=-1).to(qk.dtype)
+    return probs.to(v.dtype) @ v
+
+
 # ----------------------------------------------------------------------------- chunked path
 
 # Custom ops, not an autograd Function: torch.compile treats them as opaque, so it neither
@@ -381,5 +439,5 @@ def flex_attention_with(
 
 __all__ = [
     "CHUNK_ELEMENTS", "FUSED_NORMALIZERS", "ScoreModulation", "modulate", "modulate_backward",
-    "modulated_softmax", "chunked_attention", "flex_attention_with", "flex_available",
+    "modulated_softmax", "modulated_attention", "chunked_attention", "flex_attention_with", "flex_available",
 ]

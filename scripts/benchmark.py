@@ -9,11 +9,13 @@
     python scripts/benchmark.py --preset memory --out-json mem.json  --out-md mem.md
 
 Timing: each variant is built and warmed up (this includes torch.compile), then the variants
-of a group are timed round-robin: repeat r times {for each variant: `steps` steps}, so slow
-drift of a shared machine hits all variants alike. Reported: median step time over repeats
-(→ img/s) and, against the baseline (same architecture, mode, compile flag and dtype,
-softmax attention), the median and quartiles of the per-repeat time ratios, and the ratio
-of the fastest repeats (the least disturbed ones on a shared machine). ``--clock cpu`` times with the
+of a group are timed round-robin: repeat r times {for each variant: `steps` steps}, in
+reverse order every other round (A B B A ...), so slow drift of a shared machine hits all
+variants alike. Reported: median step time over repeats (→ img/s) and, against the baseline
+(same architecture, mode, compile flag and dtype, softmax attention), the median of the
+per-repeat time ratios with its distribution-free 95% confidence interval (order statistics
+of the ratios), and the ratio of the fastest repeats (the least disturbed ones on a shared
+machine). ``--clock cpu`` times with the
 process CPU time instead of wall time: with ``--threads 1`` that is the work done, and far less
 sensitive to other processes on a shared machine. A train step is forward +
 cross-entropy + backward + AdamW step; an inference step is a forward under inference_mode.
@@ -40,6 +42,7 @@ import datetime
 import gc
 import itertools
 import json
+import math
 import os
 import platform
 import statistics
@@ -114,7 +117,7 @@ class Result:
     peak_extra_mb: Optional[float] = None
     baseline: Optional[int] = None  # index into the results list
     ratio: Optional[float] = None  # median over repeats of time / baseline time
-    ratio_iqr: Optional[Tuple[float, float]] = None  # quartiles of those per-repeat ratios
+    ratio_ci: Optional[Tuple[float, float]] = None  # 95% confidence interval of that median
     ratio_best: Optional[float] = None  # fastest repeat / fastest baseline repeat (least disturbed)
 
     @property
@@ -269,16 +272,19 @@ def set_baselines(results: List[Result]) -> None:
             ):
                 ratios = [t / tb for t, tb in zip(r.times, b.times)]
                 r.baseline, r.ratio = j, statistics.median(ratios)
-                r.ratio_iqr = _quartiles(ratios)
+                r.ratio_ci = median_ci(ratios)
                 r.ratio_best = min(r.times) / min(b.times)
                 break
 
 
-def _quartiles(xs: List[float]) -> Tuple[float, float]:
-    if len(xs) < 2:
-        return xs[0], xs[0]
-    q = statistics.quantiles(xs, n=4, method="inclusive")
-    return q[0], q[2]
+def median_ci(xs: Sequence[float]) -> Tuple[float, float]:
+    """Distribution-free ~95% confidence interval of the median: the order statistics at ranks
+    n/2 ∓ 0.98·√n (normal approximation of the binomial), clamped to the sample."""
+    s = sorted(xs)
+    n = len(s)
+    half = 0.98 * math.sqrt(n)
+    lo, hi = max(0, math.floor(n / 2 - half)), min(n - 1, math.ceil(n / 2 + half) - 1)
+    return s[lo], s[hi]
 
 
 def run_group(
@@ -300,7 +306,7 @@ def run_group(
         built.append((step, result))
     now = CLOCKS[clock]
     for r in range(repeats):
-        for step, result in built:
+        for step, result in (built if r % 2 == 0 else built[::-1]):
             _sync(device)
             t0 = now()
             for _ in range(steps):
@@ -407,8 +413,8 @@ def measure_attention_memory(
             layers.append((step, res))
             log(f"[memory] {_layer_label(res)}: peak {_fmt(res.peak_mb, '.1f')} MB "
                 f"(tensors {_fmt(res.tensor_peak_mb, '.1f')}, RSS {_fmt(res.rss_peak_mb, '.1f')})")
-        for _ in range(repeats):
-            for step, res in layers:
+        for r in range(repeats):
+            for step, res in (layers if r % 2 == 0 else layers[::-1]):
                 _sync(device)
                 t0 = now()
                 step()
@@ -505,7 +511,7 @@ def _fmt(x: Optional[float], spec: str) -> str:
 
 def throughput_table(results: List[Result]) -> str:
     head = ("| group | model | mode | compile | attn/out | backend (kernel) | dtype | batch | tokens "
-            "| img/s | ms/step | × baseline | IQR of × | × best-of-runs | peak extra MB |")
+            "| img/s | ms/step | × baseline | 95% CI of × | × best-of-runs | peak extra MB |")
     lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
     for r in results:
         v = r.variant
@@ -513,7 +519,7 @@ def throughput_table(results: List[Result]) -> str:
             f"| {r.group} | {v.model} | {v.mode} | {'on' if v.compile else 'off'} | {r.attn}/{r.out} "
             f"| {v.backend} ({r.kernel}) | {v.dtype} | {v.batch_size} | {r.tokens} | {r.img_per_s:.1f} "
             f"| {r.median_s * 1e3:.0f} | {_fmt(r.ratio, '.3f')} "
-            f"| {'–' if r.ratio_iqr is None else f'{r.ratio_iqr[0]:.3f}–{r.ratio_iqr[1]:.3f}'} "
+            f"| {'–' if r.ratio_ci is None else f'{r.ratio_ci[0]:.3f}–{r.ratio_ci[1]:.3f}'} "
             f"| {_fmt(r.ratio_best, '.3f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
         )
     return "\n".join(lines)

@@ -12,8 +12,9 @@ import models  # noqa: F401  (registers the models)
 from models import record_attention
 from models.attention import MultiMaxAttention
 from models.attention_kernels import (
-    ScoreModulation, chunked_attention, flex_available, modulated_softmax,
+    ScoreModulation, chunked_attention, flex_available, modulated_attention, modulated_softmax,
 )
+import models.attention_kernels as kernels
 from models.multimax import build_normalizer
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -152,6 +153,7 @@ def test_kernels_match_autograd_reference(order, affine):
     g_ref = _grads(ref, [q, k, v, *params])
     mod = ScoreModulation.of(norm)
     outs = {"explicit": modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod, bias) @ v,
+            "modulated_attention": modulated_attention(q, k, v, mod, 0.25, bias),
             "chunked": chunked_attention(q, k, v, mod, 0.25, bias, chunk_size=16)}  # 4 chunks, last one short
     for name, out in outs.items():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=name)
@@ -175,6 +177,32 @@ def test_gradcheck_float64():
     assert torch.autograd.gradcheck(explicit, (q, k, v, bias.clone().requires_grad_(), *params))
 
 
+@pytest.mark.parametrize("n", [50, 200])
+def test_blocked_inference_equals_one_block(monkeypatch, n):
+    """Inference on CPU in blocks of (batch, head) pairs (last block short) equals the gradient
+    path; under autocast too; with a mask (one block)."""
+    mod = ScoreModulation.of(_normalizer())
+    q, k, v = (t.detach() for t in _qkv(b=3, h=3, n=n))
+    bias = torch.zeros(n, n).masked_fill(torch.rand(n, n, generator=torch.Generator().manual_seed(3)) > 0.8, -torch.inf)
+    bias.fill_diagonal_(0.0)
+    with torch.enable_grad():
+        ref, ref_masked = (modulated_attention(q, k, v.clone().requires_grad_(), mod, 0.25, b).detach() for b in (None, bias))
+    monkeypatch.setattr(kernels, "CPU_BLOCK_ELEMENTS", 2 * n * n)  # 2 pairs per block: 5 blocks for 9
+    calls, split = [], torch.Tensor.split
+    monkeypatch.setattr(torch.Tensor, "split", lambda self, *a, **kw: calls.append(a) or split(self, *a, **kw))
+    with torch.inference_mode():
+        torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25), ref, rtol=1e-5, atol=1e-6)
+        torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25, bias), ref_masked, rtol=1e-5, atol=1e-6)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            low = modulated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mod, 0.25)
+    assert calls and calls[0] == (2,)
+    qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16().requires_grad_()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low_ref = modulated_attention(qb, kb, vb, mod, 0.25).detach()
+    assert low.dtype == torch.bfloat16
+    torch.testing.assert_close(low, low_ref, rtol=1e-2, atol=1e-2)
+
+
 def test_chunked_custom_ops_opcheck():
     """The fake (meta) kernels match the real ones, also for the strided q, k, v of the model."""
     norm = _normalizer()
@@ -196,6 +224,8 @@ def test_softmax_temperature_kernels_match_sdpa():
     mod = ScoreModulation.of(norm)
     torch.testing.assert_close(chunked_attention(q, k, v, mod, 0.25, chunk_size=16), ref, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v, ref, rtol=1e-5, atol=1e-6)
+    with torch.no_grad():
+        torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25), ref, rtol=1e-5, atol=1e-6)
 
 
 def test_chunked_peak_memory_is_a_fraction_of_explicit():
@@ -356,3 +386,12 @@ def test_benchmark_user_errors(capsys):
     if not torch.cuda.is_available():
         assert bench.main(["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_median_ci_brackets_the_median():
+    bench = _bench()
+    xs = [1.0 + 0.01 * ((7 * i) % 41) for i in range(41)]  # 1.00 … 1.40, shuffled
+    lo, hi = bench.median_ci(xs)
+    assert lo < sorted(xs)[20] < hi
+    assert (lo, hi) == (sorted(xs)[14], sorted(xs)[26])  # ranks 20.5 ∓ 6.3 of 41
+    assert bench.median_ci([1.2]) == (1.2, 1.2)
