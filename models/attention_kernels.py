@@ -36,9 +36,9 @@ try:
 except ImportError:  # torch without flex attention
     _FLEX_IMPORTABLE = False
 
-# Elements of one chunk's (B, H, rows, N) score block in the chunked path (4 MiB in float32):
+# Elements of one chunk's (B, H, rows, N) score block in the chunked path (2 MiB in float32):
 # its peak memory is a few such blocks, whatever B, H and N are.
-CHUNK_ELEMENTS = 2 ** 20
+CHUNK_ELEMENTS = 2 ** 19
 FUSED_NORMALIZERS = ("multimax", "softmax")
 
 Params = Tuple[torch.Tensor, ...]

@@ -27,7 +27,7 @@ class MultiMaxVisionTransformer(VisionTransformer):
         out_normalizer: softmax | multimax (multimax adds a SegLU on the logits).
         modulator_order, modulator_init, modulator_affine: the SegLU's N, init and affine variant.
         softmax_temperature: temperature of the softmax attention normalizer.
-        attn_backend: auto | sdpa | explicit (see models.attention).
+        attn_backend: auto | sdpa | explicit | flex | chunked (see models.attention).
         grad_checkpointing: recompute blocks in the backward pass.
     Input (B, in_chans, H, W) → logits (B, num_classes); float32 when the output modulator is on.
     """
