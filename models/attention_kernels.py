@@ -158,9 +158,12 @@ def _param_grads(grads: List[torch.Tensor], params: Params) -> Tuple[Optional[to
 
 # ----------------------------------------------------------------------------- explicit path
 
-def _modulated_probs(s: torch.Tensor, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
-    """softmax(φ(s) + bias) over the last dim, in float32 (float64 stays)."""
-    y = modulate(_f32(s), _params32(params))
+def _modulated_probs(
+    s: torch.Tensor, bias: Optional[torch.Tensor], params: Params, scale: float = 1.0
+) -> torch.Tensor:
+    """softmax(φ(s·scale) + bias) over the last dim, in float32 (float64 stays)."""
+    s = _f32(s)
+    y = modulate(s if scale == 1.0 else s * scale, _params32(params))
     return torch.softmax(y if bias is None else y + bias, dim=-1)
 
 
@@ -201,14 +204,6 @@ def modulated_softmax(
         return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
 
 
-def _modulated_logits(
-    qk: torch.Tensor, scale: float, bias: Optional[torch.Tensor], params: Params
-) -> torch.Tensor:
-    """φ(qk·scale) + bias in float32 (float64 stays)."""
-    y = modulate(_f32(qk) * scale, _params32(params))
-    return y if bias is None else y + bias
-
-
 # Scores of one block of (batch, head) pairs in the no-gradient CPU path: small enough to stay in
 # a core's L2 cache between the q·kᵀ product, φ + softmax and the product with v.
 CPU_BLOCK_ELEMENTS = 2 ** 17
@@ -226,8 +221,8 @@ def modulated_attention(
     (batch, head) pairs whose scores fit in cache, so the (B, H, N, N) scores and probabilities
     are never written out to main memory.
     """
-    params = (q, k, v, bias, *modulation.params)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in params):
+    inputs = (q, k, v, bias, *modulation.params)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return modulated_softmax((q * scale) @ k.transpose(-2, -1), modulation, bias).to(v.dtype) @ v
     factor = modulation.scale_factor
     if bias is not None:
@@ -255,7 +250,7 @@ def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params
     """The products under the caller's autocast, as in the gradient path; φ + softmax in float32."""
     qk = q @ k.transpose(-2, -1)
     with torch.autocast(v.device.type, enabled=False):
-        probs = torch.softmax(_modulated_logits(qk, scale, bias, params), dim=-1).to(qk.dtype)
+        probs = _modulated_probs(qk, bias, params, scale).to(qk.dtype)
     return probs.to(v.dtype) @ v
 
 

@@ -51,7 +51,7 @@ import sys
 import time
 import weakref
 from dataclasses import asdict, dataclass, field
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple, Union
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
@@ -287,6 +287,25 @@ def median_ci(xs: Sequence[float]) -> Tuple[float, float]:
     return s[lo], s[hi]
 
 
+def time_rounds(
+    runs: Sequence[Tuple[Callable[[], None], Union[Result, "MemoryResult"]]], device: torch.device, repeats: int,
+    steps: int, clock: str, on_round: Optional[Callable[[int], None]] = None,
+) -> None:
+    """Time (step, result) pairs round-robin, in reverse order every other round (A B B A ...):
+    each round appends to every ``result.times`` the time per step of ``steps`` steps."""
+    now = CLOCKS[clock]
+    for r in range(repeats):
+        for step, result in (runs if r % 2 == 0 else runs[::-1]):
+            _sync(device)
+            t0 = now()
+            for _ in range(steps):
+                step()
+            _sync(device)
+            result.times.append((now() - t0) / steps)
+        if on_round is not None:
+            on_round(r)
+
+
 def run_group(
     name: str, variants: Sequence[Variant], device: torch.device, warmup: int, repeats: int, steps: int,
     compile_mode: Optional[str] = None, memory: bool = True, clock: str = "wall",
@@ -304,16 +323,8 @@ def run_group(
         _sync(device)
         log(f"[{name}] built+warmed {_label(result)} in {time.perf_counter() - t0:.1f}s")
         built.append((step, result))
-    now = CLOCKS[clock]
-    for r in range(repeats):
-        for step, result in (built if r % 2 == 0 else built[::-1]):
-            _sync(device)
-            t0 = now()
-            for _ in range(steps):
-                step()
-            _sync(device)
-            result.times.append((now() - t0) / steps)
-        log(f"[{name}] repeat {r + 1}/{repeats}: " + ", ".join(f"{res.times[-1] * 1e3:.0f}" for _, res in built) + " ms")
+    time_rounds(built, device, repeats, steps, clock, on_round=lambda r: log(
+        f"[{name}] repeat {r + 1}/{repeats}: " + ", ".join(f"{res.times[-1] * 1e3:.0f}" for _, res in built) + " ms"))
     if memory:
         for step, result in built:
             if device.type == "cpu" and result.variant.compile:
@@ -394,7 +405,6 @@ def measure_attention_memory(
     """Memory (see ``MemoryResult``) and fwd+bwd time of each layer in ``specs``; the layers
     with the same token count are timed round-robin."""
     results: List[MemoryResult] = []
-    now = CLOCKS[clock]
     for tokens in sorted({s.tokens for s in specs}):
         layers = []
         for spec in (s for s in specs if s.tokens == tokens):
@@ -413,13 +423,7 @@ def measure_attention_memory(
             layers.append((step, res))
             log(f"[memory] {_layer_label(res)}: peak {_fmt(res.peak_mb, '.1f')} MB "
                 f"(tensors {_fmt(res.tensor_peak_mb, '.1f')}, RSS {_fmt(res.rss_peak_mb, '.1f')})")
-        for r in range(repeats):
-            for step, res in (layers if r % 2 == 0 else layers[::-1]):
-                _sync(device)
-                t0 = now()
-                step()
-                _sync(device)
-                res.times.append(now() - t0)
+        time_rounds(layers, device, repeats, 1, clock)
         for _, res in layers:
             ref = next((r for _, r in layers if r.spec.normalizer == "multimax" and r.kernel == "explicit"
                         and r.spec.compile == res.spec.compile), None)
@@ -509,35 +513,34 @@ def _fmt(x: Optional[float], spec: str) -> str:
     return "–" if x is None else format(x, spec)
 
 
+def _markdown_table(head: str, rows: Iterable[str]) -> str:
+    """A markdown table from its header line and its row lines."""
+    return "\n".join([head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|", *rows])
+
+
 def throughput_table(results: List[Result]) -> str:
     head = ("| group | model | mode | compile | attn/out | backend (kernel) | dtype | batch | tokens "
             "| img/s | ms/step | × baseline | 95% CI of × | × best-of-runs | peak extra MB |")
-    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
-    for r in results:
-        v = r.variant
-        lines.append(
-            f"| {r.group} | {v.model} | {v.mode} | {'on' if v.compile else 'off'} | {r.attn}/{r.out} "
-            f"| {v.backend} ({r.kernel}) | {v.dtype} | {v.batch_size} | {r.tokens} | {r.img_per_s:.1f} "
-            f"| {r.median_s * 1e3:.0f} | {_fmt(r.ratio, '.3f')} "
-            f"| {'–' if r.ratio_ci is None else f'{r.ratio_ci[0]:.3f}–{r.ratio_ci[1]:.3f}'} "
-            f"| {_fmt(r.ratio_best, '.3f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
-        )
-    return "\n".join(lines)
+    return _markdown_table(head, (
+        f"| {r.group} | {r.variant.model} | {r.variant.mode} | {'on' if r.variant.compile else 'off'} "
+        f"| {r.attn}/{r.out} | {r.variant.backend} ({r.kernel}) | {r.variant.dtype} | {r.variant.batch_size} "
+        f"| {r.tokens} | {r.img_per_s:.1f} | {r.median_s * 1e3:.0f} | {_fmt(r.ratio, '.3f')} "
+        f"| {'–' if r.ratio_ci is None else f'{r.ratio_ci[0]:.3f}–{r.ratio_ci[1]:.3f}'} "
+        f"| {_fmt(r.ratio_best, '.3f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
+        for r in results
+    ))
 
 
 def memory_table(results: List[MemoryResult]) -> str:
     head = ("| layer of | normalizer | backend (kernel) | compile | dtype | batch | tokens | peak MB | × explicit "
             "| tensor peak MB | held after forward MB | fwd+bwd ms |")
-    lines = [head, "|" + "|".join(["---"] * (head.count("|") - 1)) + "|"]
-    for r in results:
-        s = r.spec
-        lines.append(
-            f"| {s.model} | {s.normalizer} | {s.backend} ({r.kernel}) | {'on' if s.compile else 'off'} | {s.dtype} "
-            f"| {s.batch_size} | {s.tokens} | {_fmt(r.peak_mb, '.1f')} | {_fmt(r.ratio, '.3f')} "
-            f"| {_fmt(r.tensor_peak_mb, '.1f')} | {_fmt(r.held_after_forward_mb, '.1f')} "
-            f"| {statistics.median(r.times) * 1e3:.0f} |"
-        )
-    return "\n".join(lines)
+    return _markdown_table(head, (
+        f"| {r.spec.model} | {r.spec.normalizer} | {r.spec.backend} ({r.kernel}) | {'on' if r.spec.compile else 'off'} "
+        f"| {r.spec.dtype} | {r.spec.batch_size} | {r.spec.tokens} | {_fmt(r.peak_mb, '.1f')} | {_fmt(r.ratio, '.3f')} "
+        f"| {_fmt(r.tensor_peak_mb, '.1f')} | {_fmt(r.held_after_forward_mb, '.1f')} "
+        f"| {statistics.median(r.times) * 1e3:.0f} |"
+        for r in results
+    ))
 
 
 def _to_json(obj):
