@@ -30,6 +30,7 @@ import models
 from data import build_eval_loader
 from engine import distributed as dist
 from engine.checkpoint import load_checkpoint
+from engine.cpu_alloc import apply_allocator_mode
 from engine.config import Config, config_from_yaml_text, config_to_dict, load_config
 from engine.errors import UserError
 from engine.loop import evaluate
@@ -139,6 +140,8 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, info: Optional[dist
     except CheckpointMismatchError as e:
         raise UserError(f"{path} does not fit model {cfg.model.name}: {e}") from None
     model.to(info.device).eval()
+    if info.device.type == "cpu":
+        apply_allocator_mode(cfg.train.cpu_malloc)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
 

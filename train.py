@@ -18,6 +18,7 @@ import torch
 
 from engine import distributed as dist
 from engine.checkpoint import CheckpointManager, save_checkpoint
+from engine.cpu_alloc import apply_allocator_mode
 from engine.config import effective_lr, load_config
 from engine.errors import UserError
 from engine.loop import NonFiniteLossError, build_criterion, evaluate, train_one_epoch
@@ -41,6 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(cfg, info: dist.DistInfo) -> dict:
     """The whole run: data, model, optimiser, resume, then epochs of train → eval → checkpoint → log."""
+    if info.device.type == "cpu":
+        apply_allocator_mode(cfg.train.cpu_malloc)
     loaders = build_loaders(cfg.data, cfg.model.img_size, info.rank, info.world_size, cfg.train.seed,
                             num_classes=cfg.model.num_classes)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run

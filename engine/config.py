@@ -125,6 +125,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # smoke runs
     stop_after_epochs: Optional[int] = None    # end this job after N epochs (rerun to resume)
     dist_backend: str = "auto"                 # auto | nccl | gloo
+    cpu_malloc: str = "tuned"                  # tuned | default: glibc keeps freed memory (engine.cpu_alloc)
 
 
 @dataclass
@@ -374,6 +375,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
+    "train.cpu_malloc": ("tuned", "default"),
 }
 
 Rule = Tuple[str, Callable[[Any], bool]]

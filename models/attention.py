@@ -7,11 +7,11 @@ MultiMax, the SegLU modulator) sit at ``<block>.attn.normalizer.modulator.{range
 Backends (``backend=``):
 - ``sdpa``: ``F.scaled_dot_product_attention``; softmax only (temperature folded into the scale).
 - ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v. Materialises the
-  (B, H, N, N) scores. For MultiMax, σ + softmax is one autograd Function
-  (``attention_kernels.modulated_softmax``) that saves only scores and probabilities; free of
-  graph breaks, so torch.compile fuses σ, the softmax and their backward. Inference (no
-  gradient) on CPU runs in cache-sized blocks of (batch, head) pairs
-  (``attention_kernels.modulated_attention``).
+  (B, H, N, N) scores. For MultiMax, q·kᵀ → σ + softmax → @v is one autograd Function with a
+  hand-written backward (``attention_kernels.modulated_attention``); free of graph breaks, so
+  torch.compile fuses σ, the softmax and their backward. With attention dropout or while
+  recording, σ + softmax alone is one Function (``attention_kernels.modulated_softmax``).
+  Inference (no gradient) on CPU runs in cache-sized blocks of (batch, head) pairs.
 - ``flex``: ``flex_attention`` with ``score_mod`` = σ (see ``models.attention_kernels``);
   multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
 - ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
@@ -157,7 +157,7 @@ class MultiMaxAttention(nn.Module):
     ) -> torch.Tensor:
         dropout = self.training and self.attn_drop.p > 0
         if self.normalizer.name == "multimax" and self._record is None and not dropout:
-            # σ + softmax (lean hand-written backward); inference: cache-sized blocks on CPU
+            # the whole attention as one Function (hand-written backward); inference: cache-sized blocks on CPU
             return modulated_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
         scores = (q * self.scale) @ k.transpose(-2, -1)
         if self.normalizer.name == "multimax":  # σ + softmax with a lean hand-written backward

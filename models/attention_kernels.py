@@ -4,11 +4,14 @@ Each computes softmax(φ(q·kᵀ·scale) + bias) along the keys, where φ is the
 modulation: σ (SegLU, optionally after the affine pre-map) for MultiMax, the identity for
 softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D).
 
-- ``modulated_softmax``: the probabilities of the materialising (explicit) path, as one
-  autograd Function with a hand-written backward: it saves only the scores and the
-  probabilities (autograd through σ would save every intermediate) and computes the
-  gradients of σ's parameters in one sweep. Plain tensor code, so torch.compile traces
-  and fuses forward and backward.
+- ``modulated_attention``: the materialising (explicit) path. With a gradient, one autograd
+  Function for the whole attention with a hand-written backward: it saves the scores and the
+  probabilities (autograd through σ would save every intermediate), folds the scale into σ's
+  pass and computes the gradients of σ's parameters in the same sweep as dL/ds. Plain tensor
+  code, so torch.compile traces and fuses forward and backward. Without one, plain ops in
+  cache-sized blocks on CPU.
+- ``modulated_softmax``: σ + softmax alone as one such Function, for callers that need the
+  probabilities themselves (attention dropout, recording).
 - ``chunked_attention``: memory-efficient on every device. Walks over query chunks, keeps only
   q, k, v and the per-row logsumexp of φ(scores), and recomputes each chunk's scores in the
   backward pass. Peak memory grows with chunk × N instead of N × N. No attention dropout.
@@ -209,22 +212,72 @@ def modulated_softmax(
 CPU_BLOCK_ELEMENTS = 2 ** 17
 
 
+def _matmul_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
+    """The dtype a matmul of ``tensors`` runs in here: autocast's if it is on, else their promotion."""
+    if torch.is_autocast_enabled(device.type):
+        return torch.get_autocast_dtype(device.type)
+    return torch.promote_types(tensors[0].dtype, tensors[1].dtype)
+
+
+class _ModulatedAttention(torch.autograd.Function):
+    """out = softmax(φ(q·kᵀ·scale) + bias) @ v, with a hand-written backward.
+
+    Saves the raw scores, the float32 probabilities and ``out``, besides q, k and v. The
+    scale is applied inside φ's pass (forward) and dL/ds's pass (backward), not as separate
+    products with q and dq. The softmax backward's row sums Σⱼ pᵢⱼ·dpᵢⱼ are taken as
+    dOᵢ·outᵢ (flash attention's identity), over D columns instead of N, so the backward reads
+    the (N, N) tensors in one sweep. The products run in autocast's dtype when it is on (as
+    autograd would run them), φ and the softmax in float32.
+    """
+
+    @staticmethod
+    def forward(ctx, q, k, v, bias, scale: float, *params):
+        mm, mv = _matmul_dtype(q.device, q, k), _matmul_dtype(v.device, v, v)
+        with torch.autocast(q.device.type, enabled=False):
+            qm, km, vm = q.to(mm), k.to(mm), v.to(mv)
+            s = qm @ km.transpose(-2, -1)
+            p = _modulated_probs(s, bias, params, scale)
+            out = p.to(mv) @ vm
+        ctx.save_for_backward(qm, km, vm, s, p, out, *params)
+        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
+        ctx.bias_shape = None if bias is None else bias.shape
+        return out
+
+    @staticmethod
+    def backward(ctx, dout):
+        qm, km, vm, s, p, out, *params = ctx.saved_tensors
+        params = tuple(params)
+        dout = dout.to(out.dtype)
+        dp = _f32(dout @ vm.transpose(-2, -1))
+        rows = (_f32(dout) * _f32(out)).sum(-1, keepdim=True)  # = Σⱼ pᵢⱼ·dpᵢⱼ
+        dy = p * (dp - rows)  # through the softmax
+        ds, grads = modulate_backward(_f32(s) * ctx.scale, dy, _params32(params))
+        ds = (ds * ctx.scale).to(qm.dtype)
+        dq, dk = ds @ km, ds.transpose(-2, -1) @ qm
+        dv = p.to(vm.dtype).transpose(-2, -1) @ dout
+        dbias = dy.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
+        dq, dk, dv = (g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes))
+        return (dq, dk, dv, dbias, None, *_param_grads(grads, params))
+
+
 def modulated_attention(
     q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, modulation: ScoreModulation, scale: float,
     bias: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     """softmax(φ(q·kᵀ·scale·f) + bias·f) @ v (f = ``modulation.scale_factor``): the explicit path.
 
-    Scores in q's dtype, φ and the softmax in float32 with autocast off, the product with v in
-    v's dtype. With a gradient: ``modulated_softmax`` (saves scores and probabilities). Without
-    one (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks of
+    Scores in q's dtype (autocast's if on), φ and the softmax in float32 with autocast off, the
+    product with v in v's dtype (autocast's if on). With a gradient: ``_ModulatedAttention``
+    (one autograd Function for the whole attention, hand-written backward). Without one
+    (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks of
     (batch, head) pairs whose scores fit in cache, so the (B, H, N, N) scores and probabilities
     are never written out to main memory.
     """
     inputs = (q, k, v, bias, *modulation.params)
-    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return modulated_softmax((q * scale) @ k.transpose(-2, -1), modulation, bias).to(v.dtype) @ v
     factor = modulation.scale_factor
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
+        return _ModulatedAttention.apply(q, k, v, None if bias is None else bias * factor, scale * factor,
+                                         *modulation.params)
     if bias is not None:
         return _inference_block(q, k, v, scale * factor, bias * factor, modulation.params)
     q2, k2, v2 = (t.flatten(0, -3) for t in (q, k, v))

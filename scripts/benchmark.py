@@ -15,10 +15,13 @@ variants alike. Reported: median step time over repeats (→ img/s) and, against
 (same architecture, mode, compile flag and dtype, softmax attention), the median of the
 per-repeat time ratios with its distribution-free 95% confidence interval (order statistics
 of the ratios), and the ratio of the fastest repeats (the least disturbed ones on a shared
-machine). ``--clock cpu`` times with the
+machine); also the median minor page faults per step (Linux). ``--clock cpu`` times with the
 process CPU time instead of wall time: with ``--threads 1`` that is the work done, and far less
 sensitive to other processes on a shared machine. A train step is forward +
 cross-entropy + backward + AdamW step; an inference step is a forward under inference_mode.
+On CPU, glibc's malloc is tuned as train.py tunes it (``engine.cpu_alloc``: freed memory is kept
+for the next step instead of being returned to the OS and faulted in again); ``--malloc default``
+measures with glibc's defaults. Both variants of a comparison always run in the same process.
 
 Memory. Throughput variants report "peak extra MB": the peak of memory allocated during one
 step above what was allocated before it (weights, optimizer state, the input batch):
@@ -45,6 +48,7 @@ import json
 import math
 import os
 import platform
+import resource
 import statistics
 import subprocess
 import sys
@@ -63,6 +67,7 @@ from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
+from engine.cpu_alloc import ALLOCATOR_MODES, apply_allocator_mode  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from models.attention import ATTN_BACKENDS, MultiMaxAttention  # noqa: E402
 from models.multimax import NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
@@ -114,6 +119,7 @@ class Result:
     kernel: str
     tokens: int
     times: List[float] = field(default_factory=list)
+    faults: List[float] = field(default_factory=list)  # minor page faults per step, one per repeat
     peak_extra_mb: Optional[float] = None
     baseline: Optional[int] = None  # index into the results list
     ratio: Optional[float] = None  # median over repeats of time / baseline time
@@ -292,18 +298,25 @@ def time_rounds(
     steps: int, clock: str, on_round: Optional[Callable[[int], None]] = None,
 ) -> None:
     """Time (step, result) pairs round-robin, in reverse order every other round (A B B A ...):
-    each round appends to every ``result.times`` the time per step of ``steps`` steps."""
+    each round appends to every ``result.times`` the time per step of ``steps`` steps, and to
+    ``result.faults`` the minor page faults per step."""
     now = CLOCKS[clock]
     for r in range(repeats):
         for step, result in (runs if r % 2 == 0 else runs[::-1]):
             _sync(device)
-            t0 = now()
+            f0, t0 = _minor_faults(), now()
             for _ in range(steps):
                 step()
             _sync(device)
             result.times.append((now() - t0) / steps)
+            result.faults.append((_minor_faults() - f0) / steps)
         if on_round is not None:
             on_round(r)
+
+
+def _minor_faults() -> int:
+    """Minor page faults of this process so far: each is a fresh page the OS had to map."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_minflt
 
 
 def run_group(
@@ -368,6 +381,7 @@ class MemoryResult:
     held_after_forward_mb: Optional[float] = None
     rss_peak_mb: Optional[float] = None
     times: List[float] = field(default_factory=list)
+    faults: List[float] = field(default_factory=list)
     ratio: Optional[float] = None  # peak_mb / that of explicit MultiMax, same tokens and compile flag
 
 
@@ -520,13 +534,13 @@ def _markdown_table(head: str, rows: Iterable[str]) -> str:
 
 def throughput_table(results: List[Result]) -> str:
     head = ("| group | model | mode | compile | attn/out | backend (kernel) | dtype | batch | tokens "
-            "| img/s | ms/step | × baseline | 95% CI of × | × best-of-runs | peak extra MB |")
+            "| img/s | ms/step | × baseline | 95% CI of × | × best-of-runs | faults/step | peak extra MB |")
     return _markdown_table(head, (
         f"| {r.group} | {r.variant.model} | {r.variant.mode} | {'on' if r.variant.compile else 'off'} "
         f"| {r.attn}/{r.out} | {r.variant.backend} ({r.kernel}) | {r.variant.dtype} | {r.variant.batch_size} "
         f"| {r.tokens} | {r.img_per_s:.1f} | {r.median_s * 1e3:.0f} | {_fmt(r.ratio, '.3f')} "
         f"| {'–' if r.ratio_ci is None else f'{r.ratio_ci[0]:.3f}–{r.ratio_ci[1]:.3f}'} "
-        f"| {_fmt(r.ratio_best, '.3f')} | {_fmt(r.peak_extra_mb, '.1f')} |"
+        f"| {_fmt(r.ratio_best, '.3f')} | {statistics.median(r.faults):.0f} | {_fmt(r.peak_extra_mb, '.1f')} |"
         for r in results
     ))
 
@@ -560,7 +574,7 @@ def write_outputs(args: argparse.Namespace, info: Dict[str, object], throughput:
                "throughput": throughput, "attention_memory": memory}
     md = [f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
           f"device {info['device']}{', ' + str(info['gpu']) if 'gpu' in info else ''}, torch {info['torch']}, "
-          f"{info['date']}; clock: {args.clock} time.", "", f"Command: `{info['command']}`", ""]
+          f"{info['date']}; clock: {args.clock} time; malloc: {info['malloc']}.", "", f"Command: `{info['command']}`", ""]
     if throughput:
         md += [throughput_table(throughput), ""]
     if memory:
@@ -602,6 +616,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="wall time, or process CPU time (use with --threads 1 on a shared machine)")
+    p.add_argument("--malloc", default="tuned", choices=ALLOCATOR_MODES,
+                   help="CPU: glibc malloc tuned as train.py does (engine.cpu_alloc), or its defaults")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
     p.add_argument("--no-rss", action="store_true", help="memory preset: skip the RSS subprocess check")
     p.add_argument("--out-json", help="write all settings, machine facts and raw times here")
@@ -666,6 +682,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         device = _device(args.device)
         info = machine_info(device)
+        tuned = device.type == "cpu" and apply_allocator_mode(args.malloc)
+        info["malloc"] = "tuned (engine.cpu_alloc)" if tuned else "default"
         throughput: List[Result] = []
         memory: List[MemoryResult] = []
         if args.preset == "memory":

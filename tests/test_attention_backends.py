@@ -173,8 +173,30 @@ def test_gradcheck_float64():
     def explicit(q, k, v, bias, *p):  # a learnable additive bias gets its gradient too
         return modulated_softmax((q * 0.5) @ k.transpose(-2, -1), ScoreModulation(p), bias) @ v
 
+    def attention(q, k, v, bias, *p):  # the whole-attention Function of the training path
+        return modulated_attention(q, k, v, ScoreModulation(p), 0.5, bias)
+
     assert torch.autograd.gradcheck(chunked, (q, k, v, *params))
     assert torch.autograd.gradcheck(explicit, (q, k, v, bias.clone().requires_grad_(), *params))
+    assert torch.autograd.gradcheck(attention, (q, k, v, bias.clone().requires_grad_(), *params))
+
+
+def test_modulated_attention_under_autocast():
+    """bf16 autocast, float32 inputs: the products run in bf16 as autograd would run them,
+    the gradients come back in float32 and agree with autograd through the same ops."""
+    norm = _normalizer()
+    params = list(norm.parameters())
+    q, k, v = _qkv()
+    mod = ScoreModulation.of(norm)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        out = modulated_attention(q, k, v, mod, 0.25)
+        ref = modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v
+    assert out.dtype == ref.dtype == torch.bfloat16
+    torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
+    grads, ref_grads = _grads(out.float(), [q, k, v, *params]), _grads(ref.float(), [q, k, v, *params])
+    for label, a, b in zip(["q", "k", "v", "ranges", "ts"], grads, ref_grads):
+        assert a.dtype == torch.float32, label
+        assert (a - b).norm() <= 0.03 * b.norm(), f"d{label}: {(a - b).norm()} vs {b.norm()}"
 
 
 @pytest.mark.parametrize("n", [50, 200])
