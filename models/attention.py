@@ -11,7 +11,7 @@ Backends (``backend=``):
   hand-written backward (``attention_kernels.modulated_attention``); free of graph breaks, so
   torch.compile fuses σ, the softmax and their backward. With attention dropout or while
   recording, σ + softmax alone is one Function (``attention_kernels.modulated_softmax``).
-  Inference (no gradient) on CPU runs in cache-sized blocks of (batch, head) pairs.
+  Inference (no gradient) on CPU runs in cache-sized blocks of heads per batch entry.
 - ``flex``: ``flex_attention`` with ``score_mod`` = σ (see ``models.attention_kernels``);
   multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
 - ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;

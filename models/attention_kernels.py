@@ -207,9 +207,12 @@ def modulated_softmax(
         return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
 
 
-# Scores of one block of (batch, head) pairs in the no-gradient CPU path: small enough to stay in
-# a core's L2 cache between the q·kᵀ product, φ + softmax and the product with v.
+# Scores of one block of heads in the no-gradient CPU path: small enough to stay in a core's L2
+# cache between the q·kᵀ product, φ + softmax and the product with v.
 CPU_BLOCK_ELEMENTS = 2 ** 17
+# Under torch.compile every block is a separate piece of the traced graph: past this many blocks
+# per call (large batches), one block is traced instead, to keep compile time bounded.
+MAX_TRACED_BLOCKS = 32
 
 
 def _matmul_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
@@ -269,8 +272,8 @@ def modulated_attention(
     Scores in q's dtype (autocast's if on), φ and the softmax in float32 with autocast off, the
     product with v in v's dtype (autocast's if on). With a gradient: ``_ModulatedAttention``
     (one autograd Function for the whole attention, hand-written backward). Without one
-    (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks of
-    (batch, head) pairs whose scores fit in cache, so the (B, H, N, N) scores and probabilities
+    (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks of heads
+    of one batch entry whose scores fit in cache, so the (B, H, N, N) scores and probabilities
     are never written out to main memory.
     """
     inputs = (q, k, v, bias, *modulation.params)
@@ -280,23 +283,31 @@ def modulated_attention(
                                          *modulation.params)
     if bias is not None:
         return _inference_block(q, k, v, scale * factor, bias * factor, modulation.params)
-    q2, k2, v2 = (t.flatten(0, -3) for t in (q, k, v))
-    per_block = _pairs_per_block(q.shape[-2] * k.shape[-2]) if q.device.type == "cpu" else None
-    if per_block is None or per_block >= q2.shape[0]:
-        out = _inference_block(q2, k2, v2, scale * factor, None, modulation.params)
-    else:
-        out = torch.cat([
-            _inference_block(a, b, c, scale * factor, None, modulation.params)
-            for a, b, c in zip(q2.split(per_block), k2.split(per_block), v2.split(per_block))
-        ])
-    return out.unflatten(0, q.shape[:-2])
+    heads = _heads_per_block(q, k)
+    if heads is None:
+        q2, k2, v2 = (t.flatten(0, -3) for t in (q, k, v))
+        return _inference_block(q2, k2, v2, scale * factor, None, modulation.params).unflatten(0, q.shape[:-2])
+    # blocks of heads within one batch entry: q[b, h:h+n] is a 3-D strided view that the
+    # products read in place (flattening (B, H) of the model's q, k, v would copy them)
+    out = torch.cat([
+        _inference_block(q[b, h:h + heads], k[b, h:h + heads], v[b, h:h + heads], scale * factor, None,
+                         modulation.params)
+        for b in range(q.shape[0]) for h in range(0, q.shape[1], heads)
+    ])
+    return out.unflatten(0, q.shape[:2])
 
 
-def _pairs_per_block(scores_per_pair) -> Optional[int]:
-    """(batch, head) pairs per CPU block; None under dynamic shapes (one block)."""
-    if isinstance(scores_per_pair, torch.SymInt):
+def _heads_per_block(q: torch.Tensor, k: torch.Tensor) -> Optional[int]:
+    """Heads per block of the CPU inference path, or None for one block: not on CPU, not
+    (B, H, N, D), dynamic shapes, or too many blocks to trace under torch.compile."""
+    scores = q.shape[-2] * k.shape[-2]
+    if q.device.type != "cpu" or q.dim() != 4 or any(isinstance(x, torch.SymInt) for x in (*q.shape, scores)):
         return None
-    return max(1, CPU_BLOCK_ELEMENTS // scores_per_pair)
+    heads = max(1, min(q.shape[1], CPU_BLOCK_ELEMENTS // scores))
+    blocks = q.shape[0] * -(-q.shape[1] // heads)
+    if blocks == 1 or (torch.compiler.is_compiling() and blocks > MAX_TRACED_BLOCKS):
+        return None
+    return heads
 
 
 def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
