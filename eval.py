@@ -140,8 +140,7 @@ def evaluate_checkpoint(path: str, args: argparse.Namespace, info: Optional[dist
     except CheckpointMismatchError as e:
         raise UserError(f"{path} does not fit model {cfg.model.name}: {e}") from None
     model.to(info.device).eval()
-    if info.device.type == "cpu":
-        apply_allocator_mode(cfg.train.cpu_malloc)
+    apply_allocator_mode(cfg.train.cpu_malloc, info.device.type)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
 

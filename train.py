@@ -42,8 +42,7 @@ def parse_args(argv=None) -> argparse.Namespace:
 
 def train(cfg, info: dist.DistInfo) -> dict:
     """The whole run: data, model, optimiser, resume, then epochs of train → eval → checkpoint → log."""
-    if info.device.type == "cpu":
-        apply_allocator_mode(cfg.train.cpu_malloc)
+    apply_allocator_mode(cfg.train.cpu_malloc, info.device.type)
     loaders = build_loaders(cfg.data, cfg.model.img_size, info.rank, info.world_size, cfg.train.seed,
                             num_classes=cfg.model.num_classes)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run

@@ -25,6 +25,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
+from .cpu_alloc import ALLOCATOR_MODES
 from .errors import UserError
 
 
@@ -375,7 +376,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
-    "train.cpu_malloc": ("tuned", "default"),
+    "train.cpu_malloc": ALLOCATOR_MODES,
 }
 
 Rule = Tuple[str, Callable[[Any], bool]]

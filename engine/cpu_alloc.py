@@ -59,8 +59,9 @@ def tune_malloc() -> bool:
     return _applied
 
 
-def apply_allocator_mode(mode: str) -> bool:
-    """``tuned``: ``tune_malloc()``; ``default``: leave malloc as it is. Whether tuning is active."""
+def apply_allocator_mode(mode: str, device_type: str) -> bool:
+    """``tuned`` on device type ``cpu``: ``tune_malloc()``; otherwise malloc stays as it is (a GPU
+    run's host memory is not its hot path). Whether tuning is active."""
     if mode not in ALLOCATOR_MODES:
         raise ValueError(f"cpu allocator mode must be one of {ALLOCATOR_MODES}, got {mode!r}")
-    return tune_malloc() if mode == "tuned" else _applied
+    return tune_malloc() if mode == "tuned" and device_type == "cpu" else _applied

@@ -215,11 +215,11 @@ CPU_BLOCK_ELEMENTS = 2 ** 17
 MAX_TRACED_BLOCKS = 32
 
 
-def _matmul_dtype(device: torch.device, *tensors: torch.Tensor) -> torch.dtype:
-    """The dtype a matmul of ``tensors`` runs in here: autocast's if it is on, else their promotion."""
-    if torch.is_autocast_enabled(device.type):
-        return torch.get_autocast_dtype(device.type)
-    return torch.promote_types(tensors[0].dtype, tensors[1].dtype)
+def _matmul_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
+    """The dtype a @ b runs in: autocast's if it is on for their device, else their promotion."""
+    if torch.is_autocast_enabled(a.device.type):
+        return torch.get_autocast_dtype(a.device.type)
+    return torch.promote_types(a.dtype, b.dtype)
 
 
 class _ModulatedAttention(torch.autograd.Function):
@@ -235,7 +235,7 @@ class _ModulatedAttention(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, *params):
-        mm, mv = _matmul_dtype(q.device, q, k), _matmul_dtype(v.device, v, v)
+        mm, mv = _matmul_dtype(q, k), _matmul_dtype(v, v)
         with torch.autocast(q.device.type, enabled=False):
             qm, km, vm = q.to(mm), k.to(mm), v.to(mv)
             s = qm @ km.transpose(-2, -1)
@@ -278,20 +278,16 @@ def modulated_attention(
     """
     inputs = (q, k, v, bias, *modulation.params)
     factor = modulation.scale_factor
+    scale, bias = scale * factor, None if bias is None else bias * factor
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-        return _ModulatedAttention.apply(q, k, v, None if bias is None else bias * factor, scale * factor,
-                                         *modulation.params)
-    if bias is not None:
-        return _inference_block(q, k, v, scale * factor, bias * factor, modulation.params)
-    heads = _heads_per_block(q, k)
+        return _ModulatedAttention.apply(q, k, v, bias, scale, *modulation.params)
+    heads = None if bias is not None else _heads_per_block(q, k)
     if heads is None:
-        q2, k2, v2 = (t.flatten(0, -3) for t in (q, k, v))
-        return _inference_block(q2, k2, v2, scale * factor, None, modulation.params).unflatten(0, q.shape[:-2])
+        return _inference_block(q, k, v, scale, bias, modulation.params)
     # blocks of heads within one batch entry: q[b, h:h+n] is a 3-D strided view that the
     # products read in place (flattening (B, H) of the model's q, k, v would copy them)
     out = torch.cat([
-        _inference_block(q[b, h:h + heads], k[b, h:h + heads], v[b, h:h + heads], scale * factor, None,
-                         modulation.params)
+        _inference_block(q[b, h:h + heads], k[b, h:h + heads], v[b, h:h + heads], scale, None, modulation.params)
         for b in range(q.shape[0]) for h in range(0, q.shape[1], heads)
     ])
     return out.unflatten(0, q.shape[:2])

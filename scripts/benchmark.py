@@ -682,8 +682,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     try:
         device = _device(args.device)
         info = machine_info(device)
-        tuned = device.type == "cpu" and apply_allocator_mode(args.malloc)
-        info["malloc"] = "tuned (engine.cpu_alloc)" if tuned else "default"
+        info["malloc"] = "tuned (engine.cpu_alloc)" if apply_allocator_mode(args.malloc, device.type) else "default"
         throughput: List[Result] = []
         memory: List[MemoryResult] = []
         if args.preset == "memory":

@@ -19,7 +19,7 @@ _PROBE = """
 import ctypes, json, sys
 sys.path.insert(0, {root!r})
 from engine.cpu_alloc import apply_allocator_mode
-applied = apply_allocator_mode({mode!r})
+applied = apply_allocator_mode({mode!r}, "cpu")
 libc = ctypes.CDLL("libc.so.6")
 libc.malloc.restype = ctypes.c_void_p
 libc.free.argtypes = [ctypes.c_void_p]
@@ -52,6 +52,6 @@ def test_tuned_malloc_keeps_freed_memory():
 
 def test_allocator_mode_is_checked():
     with pytest.raises(ValueError, match="tuned"):
-        cpu_alloc.apply_allocator_mode("jemalloc")
+        cpu_alloc.apply_allocator_mode("jemalloc", "cpu")
     with pytest.raises(UserError, match="train.cpu_malloc"):
         load_config(None, ["train.cpu_malloc=fast"])

@@ -28,7 +28,7 @@ def test_two_epoch_run_writes_every_artifact(fake_fmnist, tmp_path, monkeypatch)
     import train as train_script
 
     modes = []
-    monkeypatch.setattr(train_script, "apply_allocator_mode", lambda mode: modes.append(mode) or True)
+    monkeypatch.setattr(train_script, "apply_allocator_mode", lambda mode, device_type: modes.append(mode) or True)
     out = str(tmp_path / "run")
     run_train(tiny_overrides(fake_fmnist, out, **{"train.ema": "true", "train.ema_decay": 0.9,
                                                   "train.plot_modulators": "true"}))
