@@ -28,6 +28,10 @@ import yaml
 from .cpu_alloc import ALLOCATOR_MODES
 from .errors import UserError
 
+# How AdamW runs (torch.optim.AdamW's implementations, the same update): auto picks fused where
+# torch has the fused kernel for the parameters' device and dtype (CPU and CUDA), else torch's default.
+ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+
 
 @dataclass
 class ModelConfig:
@@ -102,6 +106,7 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
+    impl: str = "auto"                         # auto | fused | foreach | loop: how AdamW runs (same math)
 
 
 @dataclass
@@ -372,6 +377,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "data.bad_images": ("error", "skip"),
     "optim.opt": ("adamw",),
     "optim.sched": ("cosine", "constant"),
+    "optim.impl": ADAMW_IMPLS,
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),

@@ -28,7 +28,7 @@ _RESUMABLE_CHANGES = {
     "train.resume", "train.allow_config_change", "train.log_every", "train.stop_after_epochs",
     "train.compile", "train.device", "train.dist_backend", "train.output_dir", "train.keep_top_k",
     "train.log_modulators", "train.plot_modulators", "model.attn_backend", "model.grad_checkpointing",
-    "train.cpu_malloc",
+    "train.cpu_malloc", "optim.impl",
 }
 
 

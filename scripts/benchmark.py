@@ -12,13 +12,15 @@ Timing: each variant is built and warmed up (this includes torch.compile), then 
 of a group are timed round-robin: repeat r times {for each variant: `steps` steps}, in
 reverse order every other round (A B B A ...), so slow drift of a shared machine hits all
 variants alike. Reported: median step time over repeats (→ img/s) and, against the baseline
-(same architecture, mode, compile flag and dtype, softmax attention), the median of the
+(same architecture, mode, optimizer, compile flag and dtype, softmax attention), the median of the
 per-repeat time ratios with its distribution-free 95% confidence interval (order statistics
 of the ratios), and the ratio of the fastest repeats (the least disturbed ones on a shared
 machine); also the median minor page faults per step (Linux). ``--clock cpu`` times with the
 process CPU time instead of wall time: with ``--threads 1`` that is the work done, and far less
 sensitive to other processes on a shared machine. A train step is forward +
-cross-entropy + backward + AdamW step; an inference step is a forward under inference_mode.
+cross-entropy + backward + AdamW step, the optimizer built as train.py builds it
+(``engine.optim.build_optimizer``: DeiT's parameter groups; ``--optim-impl`` as ``optim.impl``,
+default auto = fused AdamW on CPU and CUDA); an inference step is a forward under inference_mode.
 On CPU, glibc's malloc is tuned as train.py tunes it (``engine.cpu_alloc``: freed memory is kept
 for the next step instead of being returned to the OS and faulted in again); ``--malloc default``
 measures with glibc's defaults. Both variants of a comparison always run in the same process.
@@ -67,8 +69,10 @@ from torch.utils import _pytree as pytree  # noqa: E402
 from torch.utils._python_dispatch import TorchDispatchMode  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
+from engine.config import ADAMW_IMPLS, OptimConfig  # noqa: E402
 from engine.cpu_alloc import ALLOCATOR_MODES, apply_allocator_mode  # noqa: E402
 from engine.errors import UserError  # noqa: E402
+from engine.optim import adamw_impl, build_optimizer  # noqa: E402
 from models.attention import ATTN_BACKENDS, MultiMaxAttention  # noqa: E402
 from models.multimax import NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
 
@@ -95,6 +99,7 @@ class Variant:
     img_size: Optional[int] = None
     attn_normalizer: Optional[str] = None
     out_normalizer: Optional[str] = None
+    optim: str = "auto"  # optim.impl of the train step's AdamW
 
     def model_kwargs(self) -> Dict[str, object]:
         kw: Dict[str, object] = {"attn_backend": self.backend}
@@ -118,6 +123,7 @@ class Result:
     out: str
     kernel: str
     tokens: int
+    optimizer: str = "–"  # the AdamW implementation a train step runs (engine.optim.adamw_impl)
     times: List[float] = field(default_factory=list)
     faults: List[float] = field(default_factory=list)  # minor page faults per step, one per repeat
     peak_extra_mb: Optional[float] = None
@@ -252,7 +258,8 @@ def build_step(v: Variant, device: torch.device, compile_mode: Optional[str]) ->
             with torch.inference_mode(), _autocast(device, v.dtype):
                 net(x)
         return step, result
-    opt = torch.optim.AdamW(model.parameters(), lr=1e-5, weight_decay=0.05)
+    opt = build_optimizer(model, OptimConfig(impl=v.optim), lr=1e-5)
+    result.optimizer = adamw_impl(v.optim, list(model.parameters()))
     scaler = torch.amp.GradScaler(device.type, enabled=v.dtype == "fp16")
 
     def step() -> None:
@@ -267,14 +274,14 @@ def build_step(v: Variant, device: torch.device, compile_mode: Optional[str]) ->
 
 def set_baselines(results: List[Result]) -> None:
     """Baseline of each result: the first softmax-attention result of the same group with the
-    same architecture, mode, compile flag, dtype and batch; ratio = median of the per-repeat
+    same architecture, mode, optimizer, compile flag, dtype and batch; ratio = median of the per-repeat
     time ratios (paired: both were timed in the same round)."""
     for r in results:
         v = r.variant
         for j, b in enumerate(results):
             w = b.variant
-            if b.attn == "softmax" and (b.group, b.arch, w.mode, w.compile, w.dtype, w.batch_size) == (
-                r.group, r.arch, v.mode, v.compile, v.dtype, v.batch_size
+            if b.attn == "softmax" and (b.group, b.arch, w.mode, b.optimizer, w.compile, w.dtype, w.batch_size) == (
+                r.group, r.arch, v.mode, r.optimizer, v.compile, v.dtype, v.batch_size
             ):
                 ratios = [t / tb for t, tb in zip(r.times, b.times)]
                 r.baseline, r.ratio = j, statistics.median(ratios)
@@ -350,7 +357,7 @@ def run_group(
 
 def _label(r: Result) -> str:
     v = r.variant
-    return (f"{v.model} {v.mode} attn={r.attn} out={r.out} backend={v.backend}({r.kernel}) "
+    return (f"{v.model} {v.mode}{'' if v.mode == 'infer' else ' ' + r.optimizer} attn={r.attn} out={r.out} backend={v.backend}({r.kernel}) "
             f"compile={'on' if v.compile else 'off'} {v.dtype} b{v.batch_size} {r.tokens}tok")
 
 
@@ -492,15 +499,15 @@ def rss_probe_main(spec_json: str) -> None:
 
 # ----------------------------------------------------------------------------- presets & output
 
-def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], modes: Sequence[str]
-                ) -> Dict[str, List[Variant]]:
+def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], modes: Sequence[str],
+                optims: Sequence[str] = ("auto",)) -> Dict[str, List[Variant]]:
     """DeiT-Ti and DeiT-S at 224: MultiMax vs the softmax-SDPA GAP baseline, one group per
     (size, mode, dtype), eager and compiled alternated within the group."""
     groups = {}
     for size, mode, dtype in itertools.product(("tiny", "small"), modes, dtypes):
         groups[f"deit_{size}-{mode}-{dtype}"] = [
-            Variant(f"deit_{size}_{kind}_patch16_224", mode=mode, compile=c, dtype=dtype, batch_size=batch)
-            for c in compiles for kind in ("gap", "multimax")
+            Variant(f"deit_{size}_{kind}_patch16_224", mode=mode, compile=c, dtype=dtype, batch_size=batch, optim=o)
+            for c in compiles for o in (optims if mode == "train" else optims[:1]) for kind in ("gap", "multimax")
         ]
     return groups
 
@@ -533,10 +540,10 @@ def _markdown_table(head: str, rows: Iterable[str]) -> str:
 
 
 def throughput_table(results: List[Result]) -> str:
-    head = ("| group | model | mode | compile | attn/out | backend (kernel) | dtype | batch | tokens "
+    head = ("| group | model | mode | optimizer | compile | attn/out | backend (kernel) | dtype | batch | tokens "
             "| img/s | ms/step | × baseline | 95% CI of × | × best-of-runs | faults/step | peak extra MB |")
     return _markdown_table(head, (
-        f"| {r.group} | {r.variant.model} | {r.variant.mode} | {'on' if r.variant.compile else 'off'} "
+        f"| {r.group} | {r.variant.model} | {r.variant.mode} | {r.optimizer} | {'on' if r.variant.compile else 'off'} "
         f"| {r.attn}/{r.out} | {r.variant.backend} ({r.kernel}) | {r.variant.dtype} | {r.variant.batch_size} "
         f"| {r.tokens} | {r.img_per_s:.1f} | {r.median_s * 1e3:.0f} | {_fmt(r.ratio, '.3f')} "
         f"| {'–' if r.ratio_ci is None else f'{r.ratio_ci[0]:.3f}–{r.ratio_ci[1]:.3f}'} "
@@ -606,6 +613,8 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
     p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES), help="autocast dtype (fp32 = none)")
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
+    p.add_argument("--optim-impl", nargs="+", default=["auto"], choices=ADAMW_IMPLS,
+                   help="train steps: how AdamW runs (optim.impl; auto = fused on CPU/CUDA as in train.py)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA (memory: 4 / 32)")
     p.add_argument("--img-size", nargs="+", type=int, default=None,
                    help="image size(s); tokens = (img/patch)^2 (default: the model's; memory: 224 512)")
@@ -656,17 +665,19 @@ def cli_variants(args: argparse.Namespace, batch: int, device: torch.device) -> 
     """The cartesian product of the CLI lists, without the combinations that cannot run:
     sdpa with non-softmax attention, flex training on a device without flex backward."""
     out = []
-    for model, attn, outn, backend, comp, dtype, mode, img in itertools.product(
+    for model, attn, outn, backend, comp, dtype, mode, img, optim in itertools.product(
         args.model or ["vit_micro_multimax_patch7_28"], args.attn_normalizer, args.out_normalizer,
-        args.backend, args.compile or ["off"], args.dtype, args.mode, args.img_size or [None],
+        args.backend, args.compile or ["off"], args.dtype, args.mode, args.img_size or [None], args.optim_impl,
     ):
+        if mode == "infer" and optim != args.optim_impl[0]:
+            continue  # an inference step has no optimizer: one variant, not one per --optim-impl
         if backend == "sdpa" and (attn or _default_attn_normalizer(model)) != "softmax":
             print(f"skipping {model} attn={attn}: backend sdpa computes softmax only")
             continue
         if backend == "flex" and mode == "train" and device.type != "cuda":
             print(f"skipping {model} flex train: flex has no backward on {device.type}")
             continue
-        out.append(Variant(model, mode, backend, comp == "on", dtype, batch, img, attn, outn))
+        out.append(Variant(model, mode, backend, comp == "on", dtype, batch, img, attn, outn, optim))
     if not out:
         raise UserError("no variant left to run (see the 'skipping' lines above)")
     return out
@@ -700,7 +711,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batch = args.batch_size or (128 if device.type == "cuda" else 8)
             if args.preset == "deit":
                 compiles = [c == "on" for c in args.compile or ["off", "on"]]
-                groups = deit_groups(batch, args.dtype, compiles, args.mode)
+                groups = deit_groups(batch, args.dtype, compiles, args.mode, args.optim_impl)
             else:
                 groups = {"cli": cli_variants(args, batch, device)}
             for name, variants in groups.items():

@@ -13,7 +13,8 @@ import models  # noqa: F401  (registers the models)
 from helpers import ROOT, run_train, tiny_overrides
 from engine.config import OptimConfig
 from engine.logger import read_jsonl
-from engine.optim import LRSchedule, build_schedule, param_groups
+from engine.errors import UserError
+from engine.optim import LRSchedule, adamw_impl, build_optimizer, build_schedule, param_groups
 
 
 def tb_scalars(run_dir, tag):
@@ -127,3 +128,35 @@ def test_no_modulator_or_1d_param_is_weight_decayed():
     assert "pos_embed" in no_decay["param_names"]
     assert all(p.ndim >= 2 for p in decay["params"])
     assert "blocks.0.attn.qkv.weight" in decay["param_names"]
+
+
+def test_adamw_impls_take_the_same_steps():
+    """optim.impl changes how torch runs AdamW, not the update: fused (auto on CPU), foreach and
+    the for-loop give the same weights after a few steps with both parameter groups."""
+    torch.manual_seed(0)
+    ref = timm.create_model("deit_tiny_multimax_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+    x, y = torch.randn(4, 3, 32, 32), torch.randint(0, 10, (4,))
+    weights = {}
+    for impl in ("loop", "foreach", "fused", "auto"):
+        model = timm.create_model("deit_tiny_multimax_patch16_224", img_size=32, patch_size=8, depth=2, num_classes=10)
+        model.load_state_dict(ref.state_dict())
+        opt = build_optimizer(model, OptimConfig(impl=impl), lr=1e-2)
+        assert opt.defaults["fused"] is (True if impl in ("fused", "auto") else None)
+        assert opt.defaults["foreach"] is {"loop": False, "foreach": True}.get(impl)
+        for _ in range(3):
+            torch.nn.functional.cross_entropy(model(x), y).backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+        weights[impl] = torch.cat([p.detach().flatten() for p in model.parameters()])
+    moved = (weights["loop"] - torch.cat([p.detach().flatten() for p in ref.parameters()])).abs().max()
+    assert moved > 1e-3  # the steps changed the weights
+    for impl in ("foreach", "fused", "auto"):
+        torch.testing.assert_close(weights[impl], weights["loop"], rtol=1e-4, atol=1e-5)  # steps are ~1e-2
+
+
+def test_adamw_impl_errors_name_the_key():
+    assert adamw_impl("auto", [torch.zeros(2, device="meta")]) == "default"  # no fused kernel: torch's choice
+    with pytest.raises(UserError, match="optim.impl.*meta"):
+        adamw_impl("fused", [torch.zeros(2, device="meta")])
+    with pytest.raises(UserError, match="optim.impl"):
+        adamw_impl("fast", [torch.zeros(2)])
