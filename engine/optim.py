@@ -5,8 +5,9 @@ LayerNorm scales, every SegLU ``ranges``/``ts``) and the names the model lists i
 ``no_weight_decay()`` (``pos_embed``) go to the no-decay group.
 
 ``optim.impl`` chooses how torch runs the update (the math is the same): ``auto`` takes the fused
-kernel where torch has one for the parameters (CPU and CUDA floating point), which on CPU does
-the DeiT-S step's AdamW in about a third of the for-loop's time (docs/PERFORMANCE.md).
+kernel where torch has one for the parameters (CPU and CUDA floating point): one pass over all
+parameters instead of a handful of ops per parameter tensor (docs/PERFORMANCE.md measures the
+train step with both).
 """
 from __future__ import annotations
 
