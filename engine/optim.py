@@ -70,6 +70,25 @@ def adamw_impl(impl: str, params: List[torch.Tensor]) -> str:
     return impl
 
 
+_IMPL_KEYS = ("fused", "foreach")
+
+
+def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
+    """``optimizer.load_state_dict(state)``, keeping this optimizer's implementation: torch takes
+    every group setting from the saved groups, ``fused``/``foreach`` included, so a run saved with
+    another ``optim.impl`` would go on with the old one. The fused kernel wants its step counts
+    as float32 tensors on the parameters' device; the for-loop saves them on the CPU."""
+    keep = [{k: g.get(k) for k in _IMPL_KEYS} for g in optimizer.param_groups]
+    optimizer.load_state_dict(state)
+    for group, flags in zip(optimizer.param_groups, keep):
+        group.update(flags)
+        if flags["fused"]:
+            for p in group["params"]:
+                st = optimizer.state.get(p, {})
+                if torch.is_tensor(st.get("step")):
+                    st["step"] = st["step"].to(device=p.device, dtype=torch.float32)
+
+
 def describe_groups(optimizer: torch.optim.Optimizer) -> Dict[str, Dict]:
     """For the log: per group, its weight decay, size and parameter names."""
     return {

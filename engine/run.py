@@ -17,6 +17,7 @@ from .checkpoint import capture_rng_state, find_resume_checkpoint, load_checkpoi
 from .config import config_to_dict, dump_config, resolve_config
 from .errors import UserError
 from .logger import console, truncate_jsonl
+from .optim import load_optimizer_state
 from .loop import TrainState
 
 FORMAT_VERSION = 1
@@ -128,7 +129,7 @@ def restore_training_state(cfg, run_dir: str, model, ema, optimizer, scaler, inf
         model.load_state_dict(ckpt["model"])
         if ema is not None:
             ema.load_state_dict(ckpt["model_ema"] if ckpt.get("model_ema") else ckpt["model"])
-        optimizer.load_state_dict(ckpt["optimizer"])
+        load_optimizer_state(optimizer, ckpt["optimizer"])
         if scaler is not None and ckpt.get("scaler"):
             scaler.load_state_dict(ckpt["scaler"])
     except (KeyError, RuntimeError, ValueError) as e:

@@ -81,6 +81,24 @@ def test_resume_reproduces_uninterrupted_run(fake_fmnist, tmp_path):
     assert [r["val_top1"] for r in la] == [r["val_top1"] for r in lb]
 
 
+def test_resume_may_switch_the_adamw_implementation(fake_fmnist, tmp_path):
+    """optim.impl is a throughput knob: a run started with the for-loop AdamW resumes fused
+    (the run dir's config differs only there) and continues from the saved moments."""
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    run_train(tiny_overrides(fake_fmnist, full, **{"optim.impl": "loop"}))
+    run_train(tiny_overrides(fake_fmnist, split, **{"optim.impl": "loop", "train.stop_after_epochs": 1}))
+    run_train(tiny_overrides(fake_fmnist, split, **{"optim.impl": "fused"}))
+    assert [r["epoch"] for r in read_jsonl(os.path.join(split, "log.jsonl"))] == [0, 1]
+    a = torch.load(os.path.join(full, "last.pth"), weights_only=True)
+    b = torch.load(os.path.join(split, "last.pth"), weights_only=True)
+    assert a["step"] == b["step"] and b["optimizer"]["param_groups"][0]["fused"] is True
+    for sa, sb in zip(a["optimizer"]["state"].values(), b["optimizer"]["state"].values()):
+        assert float(sb["step"]) == float(sa["step"]) == a["step"]
+        torch.testing.assert_close(sb["exp_avg_sq"], sa["exp_avg_sq"], rtol=1e-3, atol=1e-9)  # rounding only
+    for name, t in a["model"].items():
+        torch.testing.assert_close(b["model"][name], t, rtol=1e-3, atol=1e-4, msg=name)
+
+
 def test_ddp_two_processes_match_one_process(fake_fmnist, tmp_path):
     """Two gloo processes with batch 8 each against one process with batch 16, same data order."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
