@@ -17,8 +17,8 @@ from .checkpoint import capture_rng_state, find_resume_checkpoint, load_checkpoi
 from .config import config_to_dict, dump_config, resolve_config
 from .errors import UserError
 from .logger import console, truncate_jsonl
-from .optim import load_optimizer_state
 from .loop import TrainState
+from .optim import load_optimizer_state
 
 FORMAT_VERSION = 1
 

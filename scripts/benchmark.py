@@ -499,6 +499,12 @@ def rss_probe_main(spec_json: str) -> None:
 
 # ----------------------------------------------------------------------------- presets & output
 
+def _optims_for(mode: str, optims: Sequence[str]) -> Sequence[str]:
+    """The --optim-impl values a mode is measured with: all for train steps, the first for
+    inference (no optimizer: one variant, not one per value)."""
+    return optims if mode == "train" else optims[:1]
+
+
 def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], modes: Sequence[str],
                 optims: Sequence[str] = ("auto",)) -> Dict[str, List[Variant]]:
     """DeiT-Ti and DeiT-S at 224: MultiMax vs the softmax-SDPA GAP baseline, one group per
@@ -507,7 +513,7 @@ def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], mod
     for size, mode, dtype in itertools.product(("tiny", "small"), modes, dtypes):
         groups[f"deit_{size}-{mode}-{dtype}"] = [
             Variant(f"deit_{size}_{kind}_patch16_224", mode=mode, compile=c, dtype=dtype, batch_size=batch, optim=o)
-            for c in compiles for o in (optims if mode == "train" else optims[:1]) for kind in ("gap", "multimax")
+            for c in compiles for o in _optims_for(mode, optims) for kind in ("gap", "multimax")
         ]
     return groups
 
@@ -665,19 +671,18 @@ def cli_variants(args: argparse.Namespace, batch: int, device: torch.device) -> 
     """The cartesian product of the CLI lists, without the combinations that cannot run:
     sdpa with non-softmax attention, flex training on a device without flex backward."""
     out = []
-    for model, attn, outn, backend, comp, dtype, mode, img, optim in itertools.product(
+    for model, attn, outn, backend, comp, dtype, mode, img in itertools.product(
         args.model or ["vit_micro_multimax_patch7_28"], args.attn_normalizer, args.out_normalizer,
-        args.backend, args.compile or ["off"], args.dtype, args.mode, args.img_size or [None], args.optim_impl,
+        args.backend, args.compile or ["off"], args.dtype, args.mode, args.img_size or [None],
     ):
-        if mode == "infer" and optim != args.optim_impl[0]:
-            continue  # an inference step has no optimizer: one variant, not one per --optim-impl
         if backend == "sdpa" and (attn or _default_attn_normalizer(model)) != "softmax":
             print(f"skipping {model} attn={attn}: backend sdpa computes softmax only")
             continue
         if backend == "flex" and mode == "train" and device.type != "cuda":
             print(f"skipping {model} flex train: flex has no backward on {device.type}")
             continue
-        out.append(Variant(model, mode, backend, comp == "on", dtype, batch, img, attn, outn, optim))
+        out += [Variant(model, mode, backend, comp == "on", dtype, batch, img, attn, outn, optim)
+                for optim in _optims_for(mode, args.optim_impl)]
     if not out:
         raise UserError("no variant left to run (see the 'skipping' lines above)")
     return out
