@@ -1,9 +1,23 @@
 """Checkpoints that survive crashes and never execute code when loaded.
 
-Format (DESIGN §4): a plain dict with ``model``, ``model_ema`` (or None), ``optimizer``,
-``scaler`` (or None), ``epoch``, ``step``, ``best`` ({"metric", "value", "epoch"}), ``rng``,
-``config`` (YAML text) and ``format_version``; every leaf is a tensor or a plain python value,
-so ``torch.load(path, weights_only=True)`` reads it.
+A training checkpoint is a plain dict; every leaf is a tensor or a plain python value, so
+``torch.load(path, weights_only=True)`` reads it:
+
+    model              the model's state_dict (the key DeiT's and the paper's checkpoints use too)
+    model_ema          the EMA weights' state_dict, or None
+    optimizer, scaler  AdamW's state_dict; the fp16 GradScaler's, or None
+    epoch              the last completed epoch (0-based, as in log.jsonl)
+    step               optimizer steps done (skipped ones included: the LR is a function of it)
+    epoch_step         0, or for a mid-epoch checkpoint (written on a stop signal) the optimizer
+                       steps of epoch ``epoch + 1`` already done
+    epoch_sums         with epoch_step > 0: that epoch's running sums so far (loss, grad_norm,
+                       good, skipped, ... steps; engine.loop.EpochSums), so that its log row
+                       averages over all its steps; else None
+    consecutive_skips  skipped optimizer steps in a row so far (train.max_consecutive_skips)
+    best               {"metric", "value", "epoch"} of the best evaluation so far
+    rng                {"ranks": [per-rank python/numpy/torch/CUDA generator states]}
+    config             the run's config as YAML text
+    format_version     1
 
 Writes are atomic: a temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory. A crash or a full disk at any moment leaves the previous file whole.
@@ -28,6 +42,7 @@ import pickle
 import random
 import re
 import shutil
+import threading
 import warnings
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
@@ -314,6 +329,8 @@ class CheckpointManager:
         self.is_main = is_main
         self.history: Dict[int, float] = {}  # epoch -> metric value
         self.best: Optional[Dict[str, Any]] = None
+        self._writer: Optional[threading.Thread] = None
+        self._error: Optional[BaseException] = None
         if is_main:
             self._read_index()
             self._remove_stale_temps()
@@ -352,7 +369,7 @@ class CheckpointManager:
             return
         for name in os.listdir(self.run_dir):
             m = _TMP_RE.match(name)
-            if m and not _pid_alive(int(m.group(2))):
+            if m and not pid_alive(int(m.group(2))):
                 _remove_quietly(os.path.join(self.run_dir, name))
 
     # -- ranking
@@ -426,13 +443,47 @@ class CheckpointManager:
             if e in stale or (self.keep_top_k > 0 and e in self.history and e not in keep):
                 _remove_quietly(os.path.join(self.run_dir, name))
 
-    def latest(self) -> Optional[str]:
-        """Path of ``last.pth`` if it exists."""
-        path = os.path.join(self.run_dir, LAST)
-        return path if os.path.isfile(path) else None
+    def save_in_background(self, state: Dict[str, Any], epoch: int, metric_value: Optional[float] = None) -> None:
+        """``save`` in a thread, from a copy of ``state`` taken now (tensors copied to the CPU), so
+        that the other ranks do not wait for rank 0's disk: training goes on while the file is
+        written. One write at a time: a second call first waits for the previous one. ``wait``
+        joins the write and raises its error (disk full, ...), if any."""
+        if not self.is_main:
+            return
+        self.wait()
+        snapshot = _cpu_copy(state)
+
+        def write() -> None:
+            try:
+                self.save(snapshot, epoch, metric_value)
+            except BaseException as e:  # handed to the main thread by wait()
+                self._error = e
+
+        self._writer = threading.Thread(target=write, name="checkpoint-writer")
+        self._writer.start()
+
+    def wait(self) -> None:
+        """Wait for a ``save_in_background`` to finish; raise the error it met."""
+        writer, self._writer = self._writer, None
+        if writer is not None:
+            writer.join()
+        error, self._error = self._error, None
+        if error is not None:
+            raise error
 
 
-def _pid_alive(pid: int) -> bool:
+def _cpu_copy(obj: Any) -> Any:
+    """``obj`` with every tensor copied to the CPU (lists, tuples and dicts rebuilt, the rest shared)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().to("cpu", copy=True)
+    if isinstance(obj, dict):
+        return type(obj)((k, _cpu_copy(v)) for k, v in obj.items())
+    if isinstance(obj, (list, tuple)) and not isinstance(obj, torch.Size):
+        return type(obj)(_cpu_copy(v) for v in obj)
+    return obj
+
+
+def pid_alive(pid: int) -> bool:
     if pid == os.getpid():
         return True
     try:

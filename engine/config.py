@@ -125,6 +125,8 @@ class TrainConfig:
     eval_every: int = 1
     log_every: int = 50
     nonfinite: str = "stop"                    # stop | skip
+    max_consecutive_skips: int = 100           # stop after this many skipped steps in a row (any policy, fp16 overflows too)
+    tf32: bool = True                          # CUDA float32 matmuls on TF32 tensor cores (Ampere+); CPU unaffected
     log_modulators: bool = True
     plot_modulators: bool = False
     allow_config_change: bool = False
@@ -398,7 +400,8 @@ _RANGES: Dict[str, Rule] = {
                      "model.in_chans", "data.batch_size", "data.eval_batch_size", "data.recount",
                      "data.repeated_aug", "data.max_train_samples", "data.max_val_samples",
                      "optim.lr_base_batch", "train.epochs", "train.accum_steps", "train.eval_every",
-                     "train.log_every", "train.max_steps_per_epoch", "train.stop_after_epochs"], _AT_LEAST_1),
+                     "train.log_every", "train.max_steps_per_epoch", "train.stop_after_epochs",
+                     "train.max_consecutive_skips"], _AT_LEAST_1),
     **dict.fromkeys(["data.workers", "data.color_jitter", "data.mixup", "data.cutmix", "optim.weight_decay",
                      "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "train.keep_top_k"],
                     _NON_NEGATIVE),

@@ -9,14 +9,12 @@ from __future__ import annotations
 
 import datetime
 import os
-import random
 import re
 import shutil
 import subprocess
 from dataclasses import dataclass
 from typing import Any, Mapping, Optional
 
-import numpy as np
 import torch
 import torch.distributed as tdist
 
@@ -110,7 +108,15 @@ def detect_launch(env: Mapping[str, str]) -> Optional[LaunchEnv]:
 
 def _pick_device(device: str, local_rank: int) -> torch.device:
     if device == "auto":
-        return torch.device("cuda", local_rank) if torch.cuda.is_available() else torch.device("cpu")
+        if not torch.cuda.is_available():
+            return torch.device("cpu")
+        visible = torch.cuda.device_count()
+        if visible == 1:  # a task bound to its own GPU (srun --gpus-per-task, CUDA_VISIBLE_DEVICES) sees cuda:0
+            return torch.device("cuda", 0)
+        if local_rank >= visible:
+            raise UserError(f"train.device=auto: local rank {local_rank} needs a GPU of its own but only {visible} "
+                            "are visible on this node; start at most one process per GPU")
+        return torch.device("cuda", local_rank)
     try:
         dev = torch.device(device)
     except RuntimeError:
@@ -150,7 +156,8 @@ def _timeout() -> datetime.timedelta:
 def init_distributed(device: str = "auto", backend: str = "auto") -> DistInfo:
     """Join the process group described by the environment (if any) and pick this rank's device.
 
-    ``device``: auto (``cuda:LOCAL_RANK`` when CUDA is available, else cpu) | cpu | cuda | cuda:N.
+    ``device``: auto (``cuda:LOCAL_RANK`` when CUDA is available, ``cuda:0`` when the process sees
+    a single GPU, else cpu) | cpu | cuda | cuda:N.
     ``backend``: auto (nccl on CUDA, gloo on CPU) | nccl | gloo. Calling it again after the group
     exists returns the same layout without re-initialising."""
     launch = detect_launch(os.environ)
@@ -226,13 +233,3 @@ def broadcast_object(obj: Any, src: int = 0) -> Any:
     box = [obj]
     tdist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def seed_everything(seed: int, rank: int) -> int:
-    """Seed python, numpy and torch (CPU and CUDA) with ``seed + rank``, so that ranks draw
-    different augmentations; returns the seed used."""
-    s = seed + rank
-    random.seed(s)
-    np.random.seed(s % 2 ** 32)
-    torch.manual_seed(s)
-    return s

@@ -11,7 +11,7 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Iterable, Optional
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
 
@@ -22,25 +22,28 @@ def console(msg: str, is_main: bool = True) -> None:
 
 
 class Progress:
-    """Progress of one epoch with ETA and img/s: a live bar on a TTY, a line every
-    ``every`` steps otherwise (logs of batch jobs stay readable)."""
+    """Progress of one epoch with ETA and img/s: a live bar on a TTY, a plain line otherwise (logs
+    of batch jobs stay readable). The caller counts images every step and shows a line when it
+    wants one; ``start`` is the step a resumed epoch starts after."""
 
-    def __init__(self, total: int, desc: str, every: int, is_main: bool):
-        self.total, self.desc, self.every, self.is_main = total, desc, max(1, every), is_main
+    def __init__(self, total: int, desc: str, is_main: bool, start: int = 0):
+        self.total, self.desc, self.is_main, self.start = total, desc, is_main, start
         self.tty = is_main and sys.stdout.isatty()
-        self.start = time.perf_counter()
+        self.t0 = time.perf_counter()
         self.images = 0
 
-    def update(self, step: int, images: int, **metrics: float) -> None:
-        """``step``: 1-based step within the epoch; ``images``: images processed in this step (all ranks)."""
+    def count(self, images: int) -> None:
+        """``images`` processed in one step (all ranks)."""
         self.images += images
-        if not self.is_main or not (self.tty or step % self.every == 0 or step == self.total):
+
+    def show(self, step: int, **metrics: float) -> None:
+        """Print where the epoch is at ``step`` (1-based), with ``metrics``."""
+        if not self.is_main:
             return
-        elapsed = time.perf_counter() - self.start
-        rate = self.images / elapsed if elapsed > 0 else 0.0
-        eta = elapsed / step * (self.total - step)
+        elapsed = time.perf_counter() - self.t0
+        eta = elapsed / max(1, step - self.start) * (self.total - step)
         stats = " ".join(f"{k} {v:.4g}" for k, v in metrics.items())
-        line = f"{self.desc} {step}/{self.total} {stats} {rate:.0f} img/s eta {_hms(eta)}"
+        line = f"{self.desc} {step}/{self.total} {stats} {self.images_per_second:.0f} img/s eta {_hms(eta)}"
         if self.tty:
             filled = int(20 * step / max(1, self.total))
             print(f"\r[{'#' * filled}{'.' * (20 - filled)}] {line}", end="\n" if step == self.total else "", flush=True)
@@ -49,7 +52,7 @@ class Progress:
 
     @property
     def images_per_second(self) -> float:
-        elapsed = time.perf_counter() - self.start
+        elapsed = time.perf_counter() - self.t0
         return self.images / elapsed if elapsed > 0 else 0.0
 
 
@@ -60,9 +63,11 @@ def _hms(seconds: float) -> str:
 
 class RunLogger:
     """Writes the run directory's logs. ``log_epoch`` appends one JSON line and rewrites
-    ``summary.csv``; scalars and modulator parameters also go to TensorBoard."""
+    ``summary.csv``; scalars and modulator parameters also go to TensorBoard. A resumed run passes
+    ``purge_step`` (its first step): TensorBoard hides what an earlier job logged from there on,
+    which the resumed run logs again."""
 
-    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool = True):
+    def __init__(self, run_dir: str, is_main: bool, tensorboard: bool = True, purge_step: Optional[int] = None):
         self.run_dir, self.is_main = run_dir, is_main
         self.jsonl = os.path.join(run_dir, "log.jsonl")
         self.csv = os.path.join(run_dir, "summary.csv")
@@ -70,7 +75,7 @@ class RunLogger:
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"))
+            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
 
     def log_epoch(self, record: Dict[str, Any], step: int) -> None:
         if not self.is_main:
@@ -146,7 +151,3 @@ def truncate_jsonl(path: str, last_epoch: int) -> None:
     with open(tmp, "w") as f:
         f.writelines(json.dumps(r) + "\n" for r in rows)
     os.replace(tmp, path)
-
-
-def format_metrics(values: Iterable) -> str:
-    return " ".join(f"{k} {v:.4f}" if isinstance(v, float) else f"{k} {v}" for k, v in values)

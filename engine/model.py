@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional
+from typing import Any, Dict, Optional, Union
 
 import timm
 import torch
@@ -59,37 +59,34 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int] = None, in_chans: O
 
 class EMA:
     """Exponential moving average of a model's parameters and buffers, updated once per
-    optimizer step: ema = decay * ema + (1 - decay) * weights. Kept in float32 on the model's device."""
+    optimizer step: ema += (1 - decay) * (weights - ema), on the device in three foreach kernels.
+    Kept here rather than timm's ModelEmaV3, which takes the step's weight as a Python number: a
+    step skipped on the device (``good`` False) must leave the average as it is without a host sync."""
 
     def __init__(self, model: nn.Module, decay: float):
         self.decay = decay
         self.module = copy.deepcopy(model).eval()
         for p in self.module.parameters():
             p.requires_grad_(False)
+        self._tensors: Optional[tuple] = None  # (model, its float tensors, ours, its others, ours)
 
     @torch.no_grad()
-    def update(self, model: nn.Module) -> None:
-        ema_state = self.module.state_dict()
-        for name, value in model.state_dict().items():
-            target = ema_state[name]
-            if target.dtype.is_floating_point:
-                target.lerp_(value.to(target.dtype), 1.0 - self.decay)
-            else:
-                target.copy_(value)
+    def update(self, model: nn.Module, good: Union[torch.Tensor, bool] = True) -> None:
+        if self._tensors is None or self._tensors[0] is not model:  # built once: state_dict() walks every module
+            ema, weights = self.module.state_dict(), model.state_dict()
+            floats = [n for n in ema if ema[n].dtype.is_floating_point]
+            others = [n for n in ema if not ema[n].dtype.is_floating_point]
+            self._tensors = (model, [weights[n] for n in floats], [ema[n] for n in floats],
+                             [weights[n] for n in others], [ema[n] for n in others])
+        _, weights_f, ema_f, weights_other, ema_other = self._tensors
+        delta = torch._foreach_sub(weights_f, ema_f)
+        torch._foreach_mul_(delta, good * (1.0 - self.decay))
+        torch._foreach_add_(ema_f, delta)
+        for e, w in zip(ema_other, weights_other):
+            e.copy_(w)
 
     def state_dict(self) -> Dict[str, torch.Tensor]:
         return self.module.state_dict()
 
     def load_state_dict(self, state: Dict[str, torch.Tensor]) -> None:
         self.module.load_state_dict(state)
-
-
-def unwrap(model: nn.Module) -> nn.Module:
-    """The plain model under DDP and torch.compile wrappers."""
-    while True:
-        if hasattr(model, "module") and isinstance(model.module, nn.Module):
-            model = model.module
-        elif hasattr(model, "_orig_mod"):
-            model = model._orig_mod
-        else:
-            return model

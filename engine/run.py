@@ -1,9 +1,13 @@
-"""Run-level plumbing for train.py: the run directory, full training state in and out, wrappers."""
+"""Run-level plumbing for train.py: the run directory (its lock, a fresh start, the resolved
+config), the full training state in and out, seeding and wrappers."""
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import os
 import random
-import signal
+import socket
+import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Tuple
 
@@ -13,14 +17,14 @@ import torch.nn as nn
 import yaml
 
 from . import distributed as dist
-from .checkpoint import capture_rng_state, find_resume_checkpoint, load_checkpoint
+from .checkpoint import (
+    FORMAT_VERSION, capture_rng_state, find_resume_checkpoint, load_checkpoint, pid_alive,
+)
 from .config import config_to_dict, dump_config, resolve_config
 from .errors import UserError
 from .logger import console, truncate_jsonl
-from .loop import TrainState
+from .loop import EpochStart, TrainState
 from .optim import load_optimizer_state
-
-FORMAT_VERSION = 1
 
 # Keys that may change between the jobs of one run (paths, throughput knobs, stopping);
 # anything else means a different experiment and is refused unless train.allow_config_change.
@@ -29,7 +33,7 @@ _RESUMABLE_CHANGES = {
     "train.resume", "train.allow_config_change", "train.log_every", "train.stop_after_epochs",
     "train.compile", "train.device", "train.dist_backend", "train.output_dir", "train.keep_top_k",
     "train.log_modulators", "train.plot_modulators", "model.attn_backend", "model.grad_checkpointing",
-    "train.cpu_malloc", "optim.impl",
+    "train.cpu_malloc", "optim.impl", "train.tf32", "train.max_consecutive_skips",
 }
 
 
@@ -55,22 +59,6 @@ def check_run_dir(cfg) -> str:
     return run_dir
 
 
-def write_run_config(cfg, info: dist.DistInfo) -> None:
-    """Create the run directory (rank 0) and write the resolved config into it."""
-    run_dir = cfg.train.output_dir
-    if info.is_main:
-        cfg_path = os.path.join(run_dir, "config.yaml")
-        text = yaml.safe_dump(resolve_config(cfg, info.world_size), sort_keys=False)
-        try:
-            os.makedirs(run_dir, exist_ok=True)
-            with open(cfg_path + ".tmp", "w") as f:
-                f.write(text)
-            os.replace(cfg_path + ".tmp", cfg_path)
-        except OSError as e:
-            raise UserError(f"train.output_dir: cannot write {run_dir}: {e.strerror}") from None
-    dist.barrier()
-
-
 def _check_same_experiment(cfg, cfg_path: str) -> None:
     with open(cfg_path) as f:
         old = yaml.safe_load(f) or {}
@@ -87,10 +75,13 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
 
 
 def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, state: TrainState,
-                   best: Dict[str, Any], epoch_step: int = 0) -> Dict[str, Any]:
-    """The checkpoint dict of DESIGN §4 (loadable with ``torch.load(weights_only=True)``).
-    ``epoch`` is the last completed epoch; ``epoch_step`` > 0 marks a mid-epoch checkpoint
-    (written on SIGTERM/SIGUSR1) holding that many optimizer steps of epoch ``epoch + 1``."""
+                   best: Dict[str, Any], epoch_step: int = 0,
+                   epoch_sums: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+    """The checkpoint dict (format in engine/checkpoint.py). ``epoch`` is the last completed epoch;
+    ``epoch_step`` > 0 marks a mid-epoch checkpoint (written when a stop signal arrived) holding
+    that many optimizer steps of epoch ``epoch + 1``, with their ``epoch_sums`` so that the resumed
+    epoch's log row averages over all its steps. Collective (gathers every rank's RNG state): call
+    it on every rank."""
     return {
         "model": model.state_dict(),
         "model_ema": ema.state_dict() if ema is not None else None,
@@ -99,7 +90,8 @@ def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, st
         "epoch": epoch,
         "step": state.step,
         "epoch_step": epoch_step,
-        "skipped_steps": state.skipped,
+        "epoch_sums": dict(epoch_sums) if epoch_step else None,
+        "consecutive_skips": state.consecutive_skips,
         "best": dict(best),
         "rng": gather_rng_states(),
         "config": dump_config(cfg),
@@ -109,22 +101,45 @@ def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, st
 
 @dataclass
 class Resume:
-    """Where training starts: the loop state, the first epoch, the best metric so far, and for
-    a mid-epoch checkpoint the steps of ``start_epoch`` already done and the RNG state after them."""
+    """Where training starts: the checkpoint it resumes (``path`` None: a fresh run), the loop
+    state, the first epoch, the best metric so far, and for a mid-epoch checkpoint where in
+    ``start_epoch`` it stopped (``epoch_start``)."""
 
+    path: Optional[str] = None
+    checkpoint: Optional[Dict[str, Any]] = None
     state: TrainState = field(default_factory=TrainState)
     start_epoch: int = 0
     best: Dict[str, Any] = field(default_factory=lambda: {"metric": "val_top1", "value": None, "epoch": None})
-    skip_steps: int = 0
-    rng: Optional[Dict[str, Any]] = None
+    epoch_start: Optional[EpochStart] = None
+
+    def finished(self, epochs: int) -> bool:
+        return self.path is not None and self.start_epoch >= epochs
 
 
-def restore_training_state(cfg, run_dir: str, model, ema, optimizer, scaler, info: dist.DistInfo) -> Resume:
-    """Resume per ``train.resume`` (auto | none | path)."""
+def find_resume(cfg, run_dir: str, info: dist.DistInfo) -> Resume:
+    """Read the checkpoint ``train.resume`` (auto | none | path) means; nothing is written."""
     path = find_resume_checkpoint(cfg.train.resume, run_dir)
     if path is None:
         return Resume()
     ckpt = load_checkpoint(path)
+    try:
+        epoch, epoch_step = int(ckpt["epoch"]), int(ckpt.get("epoch_step") or 0)
+        state = TrainState(step=int(ckpt["step"]), consecutive_skips=int(ckpt.get("consecutive_skips") or 0))
+        best = dict(ckpt["best"])
+    except (KeyError, TypeError, ValueError) as e:
+        raise UserError(f"cannot resume from {path}: not a training checkpoint ({type(e).__name__}: {e})") from None
+    start = None
+    if epoch_step:
+        sums = ckpt.get("epoch_sums") or {}
+        start = EpochStart(epoch_step, {k: float(v) for k, v in sums.items()}, rank_rng_state(ckpt.get("rng"), info))
+    return Resume(path, ckpt, state, epoch + 1, best, start)
+
+
+def restore_training_state(resume: Resume, model, ema, optimizer, scaler, info: dist.DistInfo) -> None:
+    """Load the resumed checkpoint's weights, EMA, optimizer and scaler state (then drop it from memory)."""
+    ckpt, path = resume.checkpoint, resume.path
+    if ckpt is None:
+        return
     try:
         model.load_state_dict(ckpt["model"])
         if ema is not None:
@@ -135,14 +150,125 @@ def restore_training_state(cfg, run_dir: str, model, ema, optimizer, scaler, inf
     except (KeyError, RuntimeError, ValueError) as e:
         detail = " ".join(str(e).split())[:400]
         raise UserError(f"cannot resume from {path}: it does not match this model/optimizer ({detail})") from None
-    epoch, epoch_step = int(ckpt["epoch"]), int(ckpt.get("epoch_step", 0))
+    resume.checkpoint = None
+    start = resume.epoch_start
+    where = f"epoch {resume.start_epoch}, step {start.steps_done} of it" if start else \
+        f"end of epoch {resume.start_epoch - 1}"
+    console(f"resumed from {path} ({where}; global step {resume.state.step})", info.is_main)
+
+
+class RunLock:
+    """One training run at a time in a run directory. Rank 0 holds an exclusive ``flock`` on
+    ``<run_dir>/.lock``, which the OS releases when the process dies (a crashed run's lock is
+    simply taken over), and writes its PID and host into it for the message a second run prints.
+    On file systems without ``flock`` (some Lustre / NFS mounts) the PID and host alone decide:
+    a lock of a dead process on this host is stale. The outcome is broadcast, so every rank
+    stops with the same one-line error."""
+
+    NAME = ".lock"
+
+    def __init__(self, run_dir: str, info: dist.DistInfo):
+        self.run_dir, self.info = run_dir, info
+        self.path = os.path.join(run_dir, self.NAME)
+        self.fd: Optional[int] = None
+
+    def __enter__(self) -> "RunLock":
+        error = None
+        if self.info.is_main:
+            try:
+                self._acquire()
+            except UserError as e:
+                error = str(e)
+        error = dist.broadcast_object(error)
+        if error:
+            raise UserError(error)
+        return self
+
+    def _acquire(self) -> None:
+        try:
+            os.makedirs(self.run_dir, exist_ok=True)
+        except OSError as e:
+            raise UserError(f"train.output_dir: cannot create {self.run_dir}: {e.strerror or e}") from None
+        while True:
+            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                owner = _lock_owner(fd)
+                os.close(fd)
+                raise UserError(self._busy(owner)) from None
+            except OSError:  # no flock here: trust the PID and host inside
+                owner = _lock_owner(fd)
+                if owner is not None and (owner[1] != socket.gethostname() or pid_alive(owner[0])):
+                    os.close(fd)
+                    raise UserError(self._busy(owner)) from None
+            try:  # the holder may have removed the file between our open and our lock: retry then
+                if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
+        self.fd = fd
+
+    def _busy(self, owner: Optional[Tuple[int, str]]) -> str:
+        who = f"PID {owner[0]} on {owner[1]}" if owner else f"the holder of {self.path}"
+        return (f"train.output_dir {self.run_dir} is in use by another training run ({who}); wait for it "
+                "to end or choose another train.output_dir")
+
+    def __exit__(self, *exc) -> None:
+        if self.fd is not None:
+            with contextlib.suppress(FileNotFoundError):
+                os.remove(self.path)  # before unlocking: a newcomer then re-creates it (see _acquire)
+            os.close(self.fd)
+            self.fd = None
+
+
+def _lock_owner(fd: int) -> Optional[Tuple[int, str]]:
+    """(PID, host) written in a lock file, or None if it holds nothing readable."""
+    fields = os.pread(fd, 256, 0).decode(errors="replace").split()
+    return (int(fields[0]), fields[1]) if len(fields) == 2 and fields[0].isdigit() else None
+
+
+PREVIOUS = "previous"
+
+
+def prepare_run_dir(cfg, resume: Resume, info: dist.DistInfo) -> None:
+    """Under the run lock, on rank 0: start the logs over for ``train.resume=none`` (the previous
+    run's files move to ``previous/<time>/``, kept, not mixed in) or drop the log rows after the
+    resumed checkpoint; then write the resolved config."""
+    run_dir = cfg.train.output_dir
     if info.is_main:
-        truncate_jsonl(os.path.join(run_dir, "log.jsonl"), epoch)
-    where = f"epoch {epoch + 1}, step {epoch_step} of it" if epoch_step else f"end of epoch {epoch}"
-    console(f"resumed from {path} ({where}; global step {ckpt['step']})", info.is_main)
-    return Resume(state=TrainState(step=int(ckpt["step"]), skipped=int(ckpt.get("skipped_steps", 0))),
-                  start_epoch=epoch + 1, best=dict(ckpt["best"]), skip_steps=epoch_step,
-                  rng=rank_rng_state(ckpt.get("rng"), info) if epoch_step else None)
+        try:
+            if cfg.train.resume == "none":
+                moved = _set_previous_run_aside(run_dir)
+                if moved:
+                    console(f"train.resume=none: the previous run's files are now in {moved}")
+            else:
+                truncate_jsonl(os.path.join(run_dir, "log.jsonl"), resume.start_epoch - 1)
+            text = yaml.safe_dump(resolve_config(cfg, info.world_size), sort_keys=False)
+            cfg_path = os.path.join(run_dir, "config.yaml")
+            with open(cfg_path + ".tmp", "w") as f:
+                f.write(text)
+            os.replace(cfg_path + ".tmp", cfg_path)
+        except OSError as e:
+            raise UserError(f"train.output_dir: cannot write {run_dir}: {e.strerror or e}") from None
+    dist.barrier()
+
+
+def _set_previous_run_aside(run_dir: str) -> Optional[str]:
+    names = sorted(n for n in os.listdir(run_dir) if n not in (RunLock.NAME, PREVIOUS))
+    if not names:
+        return None
+    base = os.path.join(run_dir, PREVIOUS, time.strftime("%Y%m%d-%H%M%S"))
+    dest, n = base, 1
+    while os.path.exists(dest):
+        dest, n = f"{base}-{n}", n + 1
+    os.makedirs(dest)
+    for name in names:
+        os.rename(os.path.join(run_dir, name), os.path.join(dest, name))
+    return dest
 
 
 def gather_rng_states() -> Dict[str, Any]:
@@ -163,32 +289,6 @@ def rank_rng_state(rng: Optional[Dict[str, Any]], info: dist.DistInfo) -> Option
                 "epoch continues with fresh streams", info.is_main)
         return None
     return ranks[info.rank]
-
-
-class StopSignals:
-    """SIGTERM / SIGUSR1 (SLURM preemption, ``scancel``, torchrun shutdown) ask training to stop
-    after the current step; train.py then saves a mid-epoch checkpoint and exits cleanly."""
-
-    SIGNALS = (signal.SIGTERM, signal.SIGUSR1)
-
-    def __init__(self) -> None:
-        self.received: Optional[int] = None
-        self._previous = {}
-
-    def __enter__(self) -> "StopSignals":
-        for sig in self.SIGNALS:
-            self._previous[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame) -> None:
-        self.received = signum
-
-    def __call__(self) -> bool:
-        return self.received is not None
-
-    def __exit__(self, *exc) -> None:
-        for sig, handler in self._previous.items():
-            signal.signal(sig, handler)
 
 
 def seed_epoch(seed: int, epoch: int, rank: int, loaders) -> None:
@@ -215,13 +315,20 @@ def wrap_model(model: nn.Module, cfg, info: dist.DistInfo) -> nn.Module:
     return wrapped
 
 
-def epoch_record(epoch: int, step: int, train_stats: Dict[str, float], val: Optional[Dict[str, float]],
-                 val_ema: Optional[Dict[str, float]]) -> Dict[str, Any]:
-    """One ``log.jsonl`` line."""
+def epoch_record(epoch: int, step: int, train_stats: Dict[str, float], val: Optional[Dict[str, Any]]) -> Dict[str, Any]:
+    """One ``log.jsonl`` line (``val``: ``evaluate``'s result, the EMA's under ``"ema"``)."""
     record: Dict[str, Any] = {"epoch": epoch, "step": step, **train_stats}
     if val is not None:
         record.update(val_loss=val["loss"], val_top1=val["top1"], val_top5=val["top5"],
                       val_images=val["num_images"])
-    if val_ema is not None:
-        record.update(val_loss_ema=val_ema["loss"], val_top1_ema=val_ema["top1"], val_top5_ema=val_ema["top5"])
+        if "ema" in val:
+            ema = val["ema"]
+            record.update(val_loss_ema=ema["loss"], val_top1_ema=ema["top1"], val_top5_ema=ema["top5"])
     return record
+
+
+def set_matmul_precision(tf32: bool, device: torch.device) -> None:
+    """``train.tf32``: float32 matmuls on CUDA run on TF32 tensor cores (Ampere and newer), as
+    bf16/fp16 autocast runs' float32 parts do not; CPU runs stay IEEE float32 (exact)."""
+    if device.type == "cuda":
+        torch.set_float32_matmul_precision("high" if tf32 else "highest")

@@ -5,6 +5,7 @@ import errno
 import os
 import random
 import subprocess
+import threading
 
 import numpy as np
 import pytest
@@ -208,7 +209,6 @@ def test_top_k_best_and_last_across_saves_and_a_rebuilt_manager(tmp_path):
     best = load_checkpoint(tmp_path / "best.pth")
     assert best["epoch"] == 1 and best["best"] == {"metric": "val_top1", "value": 30.0, "epoch": 1}
     assert load_checkpoint(tmp_path / "last.pth")["best"] == best["best"]
-    assert mgr.latest() == str(tmp_path / "last.pth")
 
     # a new job: the ranking continues from topk.json
     mgr = CheckpointManager(tmp_path, keep_top_k=2, metric="val_top1", mode="max", is_main=True)
@@ -240,7 +240,9 @@ def test_manager_min_mode_no_metric_epochs_and_rewind(tmp_path):
 def test_manager_on_other_ranks_writes_nothing(tmp_path):
     mgr = CheckpointManager(tmp_path / "run", keep_top_k=3, is_main=False)
     mgr.save(_tiny_state(0), 0, 50.0)
-    assert not (tmp_path / "run").exists() and mgr.latest() is None
+    mgr.save_in_background(_tiny_state(1), 1, 60.0)
+    mgr.wait()
+    assert not (tmp_path / "run").exists()
 
 
 def test_manager_disk_full_keeps_previous_checkpoints(tmp_path, monkeypatch):
@@ -254,6 +256,37 @@ def test_manager_disk_full_keeps_previous_checkpoints(tmp_path, monkeypatch):
     assert _files(tmp_path) == before
     assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
     assert load_checkpoint(tmp_path / "best.pth")["best"]["value"] == 50.0
+
+
+def test_background_save_lets_training_go_on_and_reports_its_error(tmp_path, monkeypatch):
+    """The epoch checkpoint is written in a thread from a copy taken at the call: the caller goes
+    on (other ranks are not held by rank 0's disk) and may change its tensors meanwhile; the
+    next save or ``wait`` joins the write and raises what it met."""
+    release, started, real_save = threading.Event(), threading.Event(), ck.save_checkpoint
+
+    def slow_save(state, path):
+        started.set()
+        assert release.wait(60)
+        real_save(state, path)
+
+    monkeypatch.setattr(ck, "save_checkpoint", slow_save)
+    mgr = CheckpointManager(tmp_path, keep_top_k=1, is_main=True)
+    state = _tiny_state(0, 50.0)
+    mgr.save_in_background(state, 0, 50.0)
+    assert started.wait(60) and not (tmp_path / "last.pth").exists()   # still writing, the caller is free
+    state["model"]["w"].add_(100.0)                                      # training moves the weights on
+    release.set()
+    mgr.wait()
+    assert load_checkpoint(tmp_path / "last.pth")["model"]["w"].tolist() == [0.0, 0.0]  # the copy at the call
+    assert load_checkpoint(tmp_path / "best.pth")["best"]["value"] == 50.0
+
+    monkeypatch.setattr(ck, "open", _full_disk_after(100), raising=False)
+    mgr.save_in_background(_tiny_state(1, 60.0), 1, 60.0)
+    with pytest.raises(UserError, match="last.pth: No space left on device"):
+        mgr.wait()
+    monkeypatch.undo()
+    mgr.wait()  # reported once
+    assert load_checkpoint(tmp_path / "last.pth")["epoch"] == 0
 
 
 def test_manager_removes_temp_files_of_dead_writers(tmp_path):

@@ -2,14 +2,12 @@
 job under torchrun, and a SLURM-style job whose worker dies (the survivor must exit, not hang)."""
 import json
 import os
-import random
 import socket
 import subprocess
 import sys
 import textwrap
 import time
 
-import numpy as np
 import pytest
 import torch
 import torch.distributed as tdist
@@ -90,13 +88,19 @@ def test_bad_timeout_env_is_a_user_error(monkeypatch):
     assert dist._timeout().total_seconds() == 90
 
 
-def test_seed_everything_depends_on_seed_and_rank():
-    def draws(seed, rank):
-        dist.seed_everything(seed, rank)
-        return random.random(), float(np.random.rand()), torch.rand(1).item()
-    assert draws(7, 0) == draws(7, 0)
-    assert draws(7, 1) != draws(7, 0)
-    assert draws(8, 0) != draws(7, 0)
+def test_auto_device_respects_the_gpus_a_task_sees(monkeypatch):
+    """train.device=auto: cuda:LOCAL_RANK when every GPU of the node is visible, cuda:0 for a task
+    bound to one GPU (it sees only that one), an error when ranks outnumber the GPUs."""
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)
+    assert dist._pick_device("auto", 3) == torch.device("cuda", 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert dist._pick_device("auto", 3) == torch.device("cuda", 3)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 4)
+    with pytest.raises(UserError, match="local rank 5 needs a GPU of its own but only 4"):
+        dist._pick_device("auto", 5)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert dist._pick_device("auto", 3) == torch.device("cpu")
 
 
 WORKER = textwrap.dedent("""

@@ -26,10 +26,10 @@ def tb_scalars(run_dir, tag):
 
 
 def test_two_epoch_run_writes_every_artifact(fake_fmnist, tmp_path, monkeypatch):
-    import train as train_script
+    import engine.cpu_alloc
 
     modes = []
-    monkeypatch.setattr(train_script, "apply_allocator_mode", lambda mode, device_type: modes.append(mode) or True)
+    monkeypatch.setattr(engine.cpu_alloc, "apply_allocator_mode", lambda mode, device_type: modes.append(mode) or True)
     out = str(tmp_path / "run")
     run_train(tiny_overrides(fake_fmnist, out, **{"train.ema": "true", "train.ema_decay": 0.9,
                                                   "train.plot_modulators": "true"}))
@@ -47,7 +47,7 @@ def test_two_epoch_run_writes_every_artifact(fake_fmnist, tmp_path, monkeypatch)
         assert len(f.read().strip().splitlines()) == 3
     ckpt = torch.load(os.path.join(out, "last.pth"), weights_only=True)
     assert {"model", "model_ema", "optimizer", "scaler", "epoch", "step", "best", "rng", "config",
-            "format_version"} <= set(ckpt)
+            "format_version", "epoch_step", "epoch_sums", "consecutive_skips"} <= set(ckpt)
     assert ckpt["epoch"] == 1 and ckpt["step"] == 2 * (96 // 16)
     resolved = open(os.path.join(out, "config.yaml")).read()
     for key in ("global_batch", "effective_lr", "world_size", "git_sha", "torch"):
@@ -178,3 +178,205 @@ def test_adamw_impl_errors_name_the_key():
         adamw_impl("fused", [torch.zeros(2, device="meta")])
     with pytest.raises(UserError, match="optim.impl"):
         adamw_impl("fast", [torch.zeros(2)])
+
+
+# ------------------------------------------------------------------ the command line
+
+def test_help_is_instant_useful_and_bare_train_py_is_the_quickstart(tmp_path):
+    """--help and --print-config never import torch (they answer at once); the help says where the
+    keys are documented; a bare ``python train.py`` resolves to exactly the quickstart config."""
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    script = os.path.join(ROOT, "train.py")
+    for args in (["--help"], ["--print-config"]):
+        proc = subprocess.run([sys.executable, "-X", "importtime", script, *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60)
+        assert proc.returncode == 0, proc.stderr[-2000:]
+        imported = {line.rsplit("|", 1)[-1].strip().split(".")[0] for line in proc.stderr.splitlines() if "|" in line}
+        assert "torch" not in imported and "timm" not in imported and "engine" in imported
+    help_text = subprocess.run([sys.executable, script, "--help"], env=env, capture_output=True, text=True).stdout
+    for needle in ("engine/config.py", "--print-config", "configs/quickstart.yaml", "75", "train.resume=none"):
+        assert needle in help_text, needle
+
+    def printed(*args):
+        return subprocess.run([sys.executable, script, "--print-config", *args], env=env, cwd=tmp_path,
+                              capture_output=True, text=True, timeout=60).stdout
+
+    bare = printed()
+    assert bare == printed("--config", os.path.join(ROOT, "configs", "quickstart.yaml"))
+    assert "name: vit_micro_multimax_patch7_28" in bare and "output_dir: runs/quickstart" in bare
+    assert "lr: 0.0123" in printed("optim.lr=0.0123")
+
+
+# ------------------------------------------------------------------ the training step
+
+def _tiny_trainer(opts, amp_scaler=None, impl="auto", ema_decay=0.9, criterion=None):
+    from engine.distributed import DistInfo
+    from engine.loop import Trainer, TrainState, build_criterion
+    from engine.model import EMA
+
+    torch.manual_seed(0)
+    model = timm.create_model("vit_micro_multimax_patch7_28", num_classes=10, in_chans=1, embed_dim=32, depth=2,
+                              num_heads=2)
+    optimizer = build_optimizer(model, OptimConfig(impl=impl), lr=1e-3)
+    info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
+    ema = EMA(model, ema_decay) if ema_decay else None
+    return Trainer(model, optimizer, criterion or build_criterion(False, 0.1), lambda step: 1e-3, TrainState(),
+                   info, opts, scaler=amp_scaler, ema=ema)
+
+
+def _batches(n, batch=4):
+    g = torch.Generator().manual_seed(1)
+    return [(torch.randn(batch, 1, 28, 28, generator=g), torch.randint(0, 10, (batch,), generator=g))
+            for _ in range(n)]
+
+
+HOST_SYNCS = ("item", "tolist", "numpy", "cpu", "__bool__", "__float__", "__int__", "__index__")
+
+
+def _count_host_syncs(monkeypatch, trainer):
+    """Patch every Tensor method that reads a value back to the host (and torch.cuda.synchronize):
+    each call is recorded with the number of optimizer steps done at that moment."""
+    seen = []
+    for name in HOST_SYNCS:
+        original = getattr(torch.Tensor, name)
+
+        def wrapper(self, *a, _original=original, _name=name, **k):
+            seen.append((trainer.state.step, _name))
+            return _original(self, *a, **k)
+        monkeypatch.setattr(torch.Tensor, name, wrapper)
+    monkeypatch.setattr(torch.cuda, "synchronize", lambda *a, **k: seen.append((trainer.state.step, "synchronize")))
+    return seen
+
+
+@pytest.mark.parametrize("variant", ["fused", "fp16-scaler", "accum-clip-ema"])
+def test_a_training_step_reads_nothing_back_between_log_steps(monkeypatch, variant):
+    """The host reads the device once per log step (train.log_every) and never in between: loss,
+    grad norm, the skip decision, the EMA and the stop flag stay on the device."""
+    from engine.loop import LoopOptions
+
+    accum = 2 if variant == "accum-clip-ema" else 1
+    opts = LoopOptions(log_every=4, accum_steps=accum, clip_grad=1.0 if accum == 2 else None,
+                       amp="fp16" if variant == "fp16-scaler" else "none")
+    scaler = torch.amp.GradScaler("cpu") if variant == "fp16-scaler" else None
+    trainer = _tiny_trainer(opts, scaler, ema_decay=0.9 if accum == 2 else 0)
+    seen = _count_host_syncs(monkeypatch, trainer)
+    result = trainer.train_one_epoch(_batches(12 * accum), epoch=0)
+    monkeypatch.undo()
+    assert result.stats["skipped_steps"] == 0 and math.isfinite(result.stats["train_loss"])
+    assert [step for step, _ in seen] == [4, 8, 12], seen   # one read per log step, none on the steps between
+
+
+def test_for_loop_adamw_is_the_documented_exception_that_reads_every_step(monkeypatch):
+    """The control that shows the counter sees syncs: torch's for-loop AdamW cannot skip a step on
+    the device, so the loop reads the step's flag back each step."""
+    from engine.loop import LoopOptions
+
+    trainer = _tiny_trainer(LoopOptions(log_every=4), impl="loop", ema_decay=0)
+    seen = _count_host_syncs(monkeypatch, trainer)
+    trainer.train_one_epoch(_batches(8), epoch=0)
+    monkeypatch.undo()
+    assert sorted({step for step, name in seen if name == "__bool__"}) == list(range(8))
+
+
+def test_fp16_overflow_is_a_skipped_step_and_a_nan_loss_still_stops():
+    """A GradScaler overflow (forced: a scale of 2**127 overflows float32) skips the step, lowers the
+    scale and counts as skipped; training goes on under train.nonfinite=stop. A NaN loss still stops."""
+    from engine.loop import LoopOptions, NonFiniteLossError, build_criterion
+
+    scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -117)
+    trainer = _tiny_trainer(LoopOptions(log_every=1, amp="fp16", nonfinite="stop"), scaler)
+    before = [p.detach().clone() for p in trainer.model.parameters()]
+    result = trainer.train_one_epoch(_batches(4), epoch=0)
+    assert result.stats["skipped_steps"] == 1 and scaler.get_scale() <= 2.0 ** 10
+    assert trainer.state.step == 4 and trainer.state.consecutive_skips == 0
+    adam_steps = {float(s["step"]) for s in trainer.optimizer.state.values()}
+    assert adam_steps == {3.0}                           # the skipped update did not count
+    assert any(not torch.equal(a, b) for a, b in zip(before, trainer.model.parameters()))
+
+    calls = []
+    plain = build_criterion(False, 0.1)
+
+    def nan_on_third(logits, target):
+        calls.append(1)
+        loss = plain(logits, target)
+        return loss * float("nan") if len(calls) == 3 else loss
+
+    trainer = _tiny_trainer(LoopOptions(log_every=1, amp="fp16", nonfinite="stop"),
+                            torch.amp.GradScaler("cpu"), criterion=nan_on_third)
+    with pytest.raises(NonFiniteLossError, match="epoch 0, step 3"):
+        trainer.train_one_epoch(_batches(6), epoch=0)
+    assert trainer.state.step == 3
+
+
+def test_nonfinite_skip_leaves_weights_and_ema_untouched_and_gives_up_after_a_run_of_skips():
+    from engine.loop import LoopOptions, NonFiniteLossError, build_criterion
+
+    plain, calls = build_criterion(False, 0.1), []
+
+    def nan_from_third(logits, target):
+        calls.append(1)
+        return plain(logits, target) * (float("nan") if len(calls) >= 3 else 1.0)
+
+    trainer = _tiny_trainer(LoopOptions(log_every=1, nonfinite="skip", max_consecutive_skips=3),
+                            criterion=nan_from_third)
+    batches = _batches(8)
+    trainer.train_one_epoch(batches[:2], epoch=0)
+    weights = [p.detach().clone() for p in trainer.model.parameters()]
+    ema = [t.clone() for t in trainer.ema.state_dict().values()]
+    with pytest.raises(NonFiniteLossError, match="3 optimizer steps in a row were skipped"):
+        trainer.train_one_epoch(batches[2:], epoch=1)
+    assert all(torch.equal(a, b) for a, b in zip(weights, trainer.model.parameters()))
+    assert all(torch.equal(a, b) for a, b in zip(ema, trainer.ema.state_dict().values()))
+
+
+def test_ema_update_and_skip():
+    from engine.model import EMA
+
+    model = torch.nn.Linear(3, 2)
+    ema = EMA(model, decay=0.75)
+    start = {k: v.clone() for k, v in ema.state_dict().items()}
+    with torch.no_grad():
+        for p in model.parameters():
+            p.add_(1.0)
+    ema.update(model, torch.tensor(False))
+    assert all(torch.equal(start[k], v) for k, v in ema.state_dict().items())
+    ema.update(model, torch.tensor(True))
+    for k, v in ema.state_dict().items():
+        torch.testing.assert_close(v, start[k] + 0.25 * (model.state_dict()[k] - start[k]))
+
+
+def test_evaluate_model_and_ema_in_one_pass_over_the_data():
+    from engine.distributed import DistInfo
+    from engine.loop import evaluate
+
+    torch.manual_seed(0)
+    a, b = torch.nn.Linear(8, 5), torch.nn.Linear(8, 5)
+    data = [(torch.randn(6, 8), torch.randint(0, 5, (6,))) for _ in range(3)]
+    passes = []
+
+    class Loader(list):
+        def __iter__(self):
+            passes.append(1)
+            return super().__iter__()
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
+    both = evaluate(a, Loader(data), info, ema_model=b)
+    assert len(passes) == 1
+    alone_a, alone_b = evaluate(a, data, info), evaluate(b, data, info)
+    assert both["ema"] == alone_b and {k: v for k, v in both.items() if k != "ema"} == alone_a
+    assert both["num_images"] == 18
+
+
+def test_fp16_run_skips_a_forced_overflow_and_finishes(fake_fmnist, tmp_path, monkeypatch):
+    """End to end with train.amp=fp16 (CPU autocast): the first step overflows the GradScaler (its
+    scale forced to 2**127); it is counted in epoch 0's skipped_steps and the run finishes."""
+    import functools
+
+    monkeypatch.setattr(torch.amp, "GradScaler", functools.partial(torch.amp.GradScaler, init_scale=2.0 ** 127,
+                                                                   backoff_factor=2.0 ** -117))
+    out = str(tmp_path / "run")
+    run_train(tiny_overrides(fake_fmnist, out, **{"train.amp": "fp16"}))
+    rows = read_jsonl(os.path.join(out, "log.jsonl"))
+    assert [r["skipped_steps"] for r in rows] == [1, 0]
+    assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
+    assert torch.load(os.path.join(out, "last.pth"), weights_only=True)["scaler"]["scale"] <= 2.0 ** 11
