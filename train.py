@@ -118,9 +118,9 @@ def train(cfg, info) -> int:
                                           epoch_step=result.steps_done, epoch_sums=result.sums)  # on every rank
                     if info.is_main:
                         save_checkpoint(ckpt, os.path.join(run_dir, LAST))
-                    dist.barrier()  # no rank leaves (and has its launcher end the job) before the file is whole
                     console(f"{stop.name}: saved {run_dir}/{LAST} at epoch {epoch}, step {result.steps_done} of "
                             f"{steps_per_epoch}. Exit {EXIT_RESUMABLE}: rerun the same command to resume", info.is_main)
+                    dist.barrier()  # no rank leaves (and has its launcher end the job) before the file is whole
                     return EXIT_RESUMABLE
                 val = None
                 if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:

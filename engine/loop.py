@@ -145,7 +145,7 @@ class Trainer:
         self.model, self.optimizer, self.criterion, self.lr_schedule = model, optimizer, criterion, lr_schedule
         self.state, self.info, self.opts = state, info, opts
         self.scaler, self.ema, self.mixup_fn = scaler, ema, mixup_fn
-        self.params = [p for group in optimizer.param_groups for p in group["params"]]
+        self.params = list(model.parameters())  # the model's order: the norm's float32 sum depends on it
         self.fused = any(group.get("fused") for group in optimizer.param_groups)
         self.lr = lr_schedule(state.step)
 
@@ -314,7 +314,8 @@ def evaluate(model: nn.Module, loader, info: "dist.DistInfo", amp: str = "none",
 
 def _batch_sums(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
     top = logits.topk(min(5, logits.shape[-1]), dim=-1).indices
-    hit = top.eq(target[:, None])
+    # a row with a NaN/inf logit ranks its classes arbitrarily: it counts as a miss, never a hit
+    hit = top.eq(target[:, None]) & torch.isfinite(logits).all(dim=-1, keepdim=True)
     return torch.stack([
         F.cross_entropy(logits, target, reduction="sum").double(),
         hit[:, :1].sum().double(),

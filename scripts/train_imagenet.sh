@@ -3,6 +3,8 @@
 #   scripts/train_imagenet.sh CONFIG NGPUS [key=value ...]
 #   scripts/train_imagenet.sh configs/deit_small_multimax.yaml 8 data.root=/data/imagenet
 # The presets assume 8 GPUs x data.batch_size=128 (global 1024, lr 5e-4 x 1024/512 = 1e-3).
+# Ctrl-C or SIGTERM: every worker saves a resumable checkpoint and exits 75 (README "Stopping,
+# rerunning, exit codes"); torchrun itself then exits 1. Rerun the same command to resume.
 set -euo pipefail
 if [ $# -lt 2 ]; then
   echo "usage: $0 CONFIG NGPUS [key=value ...]" >&2

@@ -1,4 +1,5 @@
-"""train.py end to end on a tiny IDX dataset: artifacts, resume, DDP equivalence, LR, weight decay."""
+"""train.py end to end on a tiny IDX dataset (artifacts, resume, DDP equivalence, LR, weight decay,
+fp16), its command line, and the training step: host syncs, non-finite steps, EMA, evaluation."""
 import json
 import math
 import os
@@ -380,3 +381,33 @@ def test_fp16_run_skips_a_forced_overflow_and_finishes(fake_fmnist, tmp_path, mo
     assert [r["skipped_steps"] for r in rows] == [1, 0]
     assert all(math.isfinite(r["train_loss"]) and math.isfinite(r["val_loss"]) for r in rows)
     assert torch.load(os.path.join(out, "last.pth"), weights_only=True)["scaler"]["scale"] <= 2.0 ** 11
+
+
+def test_evaluate_never_counts_a_non_finite_row_as_a_hit():
+    from engine.distributed import DistInfo
+    from engine.loop import evaluate
+
+    class Broken(torch.nn.Module):
+        def forward(self, x):  # right class on top, but NaN elsewhere in the row
+            logits = torch.nn.functional.one_hot(torch.arange(x.shape[0]) % 3, 3).float()
+            logits[0, 1] = float("nan")
+            return logits
+
+    info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
+    result = evaluate(Broken(), [(torch.zeros(6, 1), torch.arange(6) % 3)], info)
+    assert result["top1"] == pytest.approx(100 * 5 / 6) and result["top5"] == pytest.approx(100 * 5 / 6)
+
+
+def test_tf32_applies_to_cuda_float32_matmuls_only(monkeypatch):
+    from engine.run import set_matmul_precision
+
+    before = torch.get_float32_matmul_precision()
+    try:
+        set_matmul_precision(True, torch.device("cpu"))
+        assert torch.get_float32_matmul_precision() == before   # CPU stays IEEE float32
+        set_matmul_precision(True, torch.device("cuda", 0))
+        assert torch.get_float32_matmul_precision() == "high"   # TF32 tensor cores
+        set_matmul_precision(False, torch.device("cuda", 0))
+        assert torch.get_float32_matmul_precision() == "highest"
+    finally:
+        torch.set_float32_matmul_precision(before)
