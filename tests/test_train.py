@@ -1,6 +1,5 @@
 """train.py end to end on a tiny IDX dataset (artifacts, resume, DDP equivalence, LR, weight decay,
 fp16), its command line, and the training step: host syncs, non-finite steps, EMA, evaluation."""
-import json
 import math
 import os
 import subprocess
