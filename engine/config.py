@@ -31,6 +31,18 @@ from .errors import UserError
 # How AdamW runs (torch.optim.AdamW's implementations, the same update): auto picks fused where
 # torch has the fused kernel for the parameters' device and dtype (CPU and CUDA), else torch's default.
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+LR_SCHEDULES = ("cosine_epoch", "cosine", "constant")  # engine.optim.build_schedule
+
+# data.dataset: ours (any spelling below), or one of timm's map-style datasets: torch/<name> for the
+# torchvision datasets timm's factory builds, hfds/<name> for Hugging Face datasets. timm's
+# streaming kinds cannot be sharded by the samplers in data/.
+FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist")
+IMAGEFOLDER_NAMES = ("imagefolder", "image_folder")
+TIMM_TORCH_DATASETS = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "places365",
+                       "inaturalist", "inat", "imagenet", "image_folder", "folder")
+TIMM_STREAMING_PREFIXES = ("hfids", "tfds", "wds")
+# Keys holding paths: a leading ~ is expanded as the shell would.
+PATH_KEYS = ("data.root", "train.output_dir", "train.resume", "model.init_checkpoint")
 
 
 @dataclass
@@ -102,7 +114,8 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: Optional[float] = None
-    sched: str = "cosine"                      # cosine | constant
+    sched: str = "cosine"                      # cosine_epoch (DeiT's: timm's cosine stepped per epoch) |
+                                               # cosine (per step) | constant (after a per-step warmup)
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -376,7 +389,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "data.mixup_mode": ("batch", "pair", "elem"),  # timm's Mixup modes
     "data.bad_images": ("error", "skip"),
     "optim.opt": ("adamw",),
-    "optim.sched": ("cosine", "constant"),
+    "optim.sched": LR_SCHEDULES,
     "optim.impl": ADAMW_IMPLS,
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
