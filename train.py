@@ -23,7 +23,7 @@ from engine.config import effective_lr, load_config
 from engine.errors import UserError
 from engine.loop import NonFiniteLossError, build_criterion, evaluate, train_one_epoch
 from engine.logger import RunLogger, console
-from engine.model import EMA, build_model, unwrap
+from engine.model import EMA, build_model, built_model_config, unwrap
 from engine.optim import build_optimizer, build_schedule, describe_groups
 from engine.run import (
     StopSignals, check_run_dir, epoch_record, restore_training_state, seed_epoch, training_state, wrap_model,
@@ -47,6 +47,7 @@ def train(cfg, info: dist.DistInfo) -> dict:
                             num_classes=cfg.model.num_classes)
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg.model, loaders.info.num_classes, loaders.info.in_chans).to(info.device)
+    cfg.model = built_model_config(cfg.model, model)  # config.yaml and checkpoints name the normalizers built
     run_dir = check_run_dir(cfg)  # nothing is written before data, model and resume are known good
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema else None
     lr = effective_lr(cfg, info.world_size)

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 from typing import Any, Dict, Optional
 
 import timm
@@ -16,7 +17,8 @@ from .errors import UserError
 
 
 def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optional[int]) -> Dict[str, Any]:
-    """timm.create_model kwargs for ``cfg``; dataset-derived values fill what the config leaves None."""
+    """timm.create_model kwargs for ``cfg``; dataset-derived values fill what the config leaves None,
+    and a None the registered model fills (the normalizers of its ``*_multimax_*``/``*_gap_*`` variant)."""
     kwargs: Dict[str, Any] = dict(
         num_classes=cfg.num_classes if cfg.num_classes is not None else num_classes,
         img_size=cfg.img_size,
@@ -30,6 +32,9 @@ def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optiona
         qkv_bias=cfg.qkv_bias,
         attn_backend=cfg.attn_backend,
         drop_rate=cfg.drop_rate,
+        pos_drop_rate=cfg.pos_drop_rate,
+        proj_drop_rate=cfg.proj_drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate,
         drop_path_rate=cfg.drop_path_rate,
         grad_checkpointing=cfg.grad_checkpointing,
     )
@@ -37,6 +42,13 @@ def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optiona
         kwargs["patch_size"] = cfg.patch_size
     kwargs.update(cfg.kwargs)
     return {k: v for k, v in kwargs.items() if v is not None}
+
+
+def built_model_config(cfg: ModelConfig, model: nn.Module) -> ModelConfig:
+    """``cfg`` with the normalizers ``model`` was built with, so that a run records what it trains
+    (not a None that means "the variant's")."""
+    return dataclasses.replace(cfg, attn_normalizer=getattr(model, "attn_normalizer", cfg.attn_normalizer),
+                               out_normalizer=getattr(model, "out_normalizer", cfg.out_normalizer))
 
 
 def build_model(cfg: ModelConfig, num_classes: Optional[int] = None, in_chans: Optional[int] = None) -> nn.Module:
