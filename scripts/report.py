@@ -105,7 +105,7 @@ def find_runs(paths: Sequence[str]) -> Tuple[List[Tuple[str, Optional[int], str]
 
 # ---------------------------------------------------------------- one run
 
-def _planned_epochs(run_dir: str) -> Tuple[Optional[int], Optional[int], Optional[int]]:
+def _run_config(run_dir: str) -> Tuple[Optional[int], Optional[int], Optional[int]]:
     """(train.epochs, train.seed, resolved global batch) from the run's config.yaml, Nones if absent."""
     path = os.path.join(run_dir, "config.yaml")
     if not os.path.isfile(path):
@@ -138,7 +138,7 @@ def train_minutes(rows: Sequence[Dict[str, Any]], global_batch: Optional[int]) -
 
 
 def read_run(variant: str, seed: Optional[int], run_dir: str) -> RunResult:
-    epochs, config_seed, global_batch = _planned_epochs(run_dir)
+    epochs, config_seed, global_batch = _run_config(run_dir)
     seed = seed if seed is not None else config_seed
     rows = [r for r in read_jsonl(os.path.join(run_dir, "log.jsonl")) if isinstance(r.get("epoch"), int)]
     result = RunResult(variant, seed, run_dir, "not started", epochs, rows)

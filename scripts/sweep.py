@@ -163,6 +163,26 @@ def _checked_config(path: str, key: str, config: str, overrides: Sequence[str]):
         raise _key_error(path, key, _without_source(str(e))) from None
 
 
+def _variant(path: str, key: str, spec: Any, base: Optional[str]) -> Tuple[str, List[str]]:
+    """(config file, overrides) of one variant: a list of overrides of ``base``, a config file, or
+    a mapping with ``config`` and/or ``overrides``."""
+    if not _NAME.match(key.split(".", 1)[1]):
+        raise _key_error(path, key, "a variant name is a directory name: letters, digits, _ . + -")
+    if isinstance(spec, dict):
+        for sub in spec:
+            if sub not in VARIANT_KEYS:
+                raise _key_error(path, f"{key}.{sub}", f"unknown key (known: {', '.join(VARIANT_KEYS)})")
+        config = _config_file(path, f"{key}.config", spec["config"]) if "config" in spec else base
+        overrides = _overrides(path, f"{key}.overrides", spec.get("overrides", []))
+    elif isinstance(spec, str):
+        config, overrides = _config_file(path, key, spec), []
+    else:
+        config, overrides = base, _overrides(path, key, spec)
+    if config is None:
+        raise _key_error(path, key, "names no config file and the sweep has no 'base'")
+    return config, overrides
+
+
 def load_sweep(path: str, cli_overrides: Sequence[str] = (), gpus_per_run: Optional[int] = None) -> Sweep:
     """Read and check a sweep file and expand it into runs (seed-major: every variant of the first
     seed comes first, so a sweep stopped half-way has whole comparisons). Every run's config is
@@ -197,9 +217,11 @@ def load_sweep(path: str, cli_overrides: Sequence[str] = (), gpus_per_run: Optio
             or len(set(seeds)) != len(seeds)):
         raise _key_error(path, "seeds", f"must be a list of distinct integers >= 0, got {seeds!r}")
     common = _overrides(path, "overrides", data.get("overrides", []))
-    eval_args = [str(a) for a in data.get("eval", [])] if isinstance(data.get("eval", []), list) else None
-    if eval_args is None or not all(isinstance(a, (str, int, float)) for a in data.get("eval", [])):
-        raise _key_error(path, "eval", f"must be a list of eval.py arguments, got {data.get('eval')!r}")
+    eval_spec = data.get("eval", [])
+    if not isinstance(eval_spec, list) or not all(isinstance(a, (str, int, float)) and not isinstance(a, bool)
+                                                  for a in eval_spec):
+        raise _key_error(path, "eval", f"must be a list of eval.py arguments, got {eval_spec!r}")
+    eval_args = [str(a) for a in eval_spec]
     taken = [a for a in eval_args if a.split("=")[0] in EVAL_SET_BY_SWEEP]
     if taken:
         raise _key_error(path, "eval", f"{taken[0]} is set by the sweep")
@@ -213,22 +235,12 @@ def load_sweep(path: str, cli_overrides: Sequence[str] = (), gpus_per_run: Optio
         raise _key_error(path, "variants", "must be a mapping of variant names to overrides or a config file")
     expanded: Dict[str, Dict[str, Any]] = {}
     configs = {}
+    for item in cli_overrides:
+        if item.partition("=")[0].strip() in SET_BY_SWEEP:
+            raise UserError(f"{CLI}: {item.partition('=')[0].strip()} is set by the sweep (seeds:, output_dir:)")
     for name, spec in variants.items():
-        key = f"variants.{name}"
-        if not isinstance(name, str) or not _NAME.match(name):
-            raise _key_error(path, key, "a variant name is a directory name: letters, digits, _ . + -")
-        if isinstance(spec, dict):
-            for sub in spec:
-                if sub not in VARIANT_KEYS:
-                    raise _key_error(path, f"{key}.{sub}", f"unknown key (known: {', '.join(VARIANT_KEYS)})")
-            config = _config_file(path, f"{key}.config", spec["config"]) if "config" in spec else base
-            overrides = _overrides(path, f"{key}.overrides", spec.get("overrides", []))
-        elif isinstance(spec, str):
-            config, overrides = _config_file(path, key, spec), []
-        else:
-            config, overrides = base, _overrides(path, key, spec)
-        if config is None:
-            raise _key_error(path, key, "names no config file and the sweep has no 'base'")
+        name, key = str(name), f"variants.{name}"
+        config, overrides = _variant(path, key, spec, base)
         _checked_config(path, "overrides", config, common)
         _checked_config(path, key, config, [*common, *overrides])
         try:
@@ -342,14 +354,14 @@ class RunJob:
     its rank in SLURM's environment, only global rank 0 evaluates, and ``checkpoint`` (submitit's
     hook on preemption/timeout) stops train.py, waits for its checkpoint and requeues the run."""
 
-    def __init__(self, env: Optional[Dict[str, str]] = None, slurm: bool = False, torchrun: bool = True):
-        self.env, self.slurm, self.torchrun = dict(env or {}), slurm, torchrun
+    def __init__(self, env: Optional[Dict[str, str]] = None, slurm: bool = False):
+        self.env, self.slurm = dict(env or {}), slurm
         self._proc: Optional[subprocess.Popen] = None
         self._waiter: Optional[threading.Thread] = None
         self._stopping = False
 
     def __getstate__(self) -> Dict[str, Any]:
-        return {"env": self.env, "slurm": self.slurm, "torchrun": self.torchrun}
+        return {"env": self.env, "slurm": self.slurm}
 
     def __setstate__(self, state: Dict[str, Any]) -> None:
         self.__init__(**state)
@@ -365,7 +377,7 @@ class RunJob:
         import submitit
 
         self.stop(wait_s=SLURM_SIGNAL_DELAY_S - 20)
-        return submitit.helpers.DelayedSubmission(RunJob(self.env, self.slurm, self.torchrun), run)
+        return submitit.helpers.DelayedSubmission(RunJob(self.env, self.slurm), run)
 
     def stop(self, wait_s: Optional[float] = None) -> None:
         """SIGTERM to the running child (train.py saves and exits); with ``wait_s``, wait that long for it."""
@@ -419,7 +431,7 @@ class RunJob:
         os.makedirs(run.run_dir, exist_ok=True)
         if state != "trained":
             log = os.path.join(run.run_dir, "train.log")
-            rc = self._run_child(run.train_command(self.torchrun and not self.slurm), log, self._environment(False))
+            rc = self._run_child(run.train_command(torchrun=not self.slurm), log, self._environment(False))
             state = run_state(run)
             if state != "trained" or self._stopping:
                 if rc in (EXIT_OK, EXIT_RESUMABLE) or self._stopping:

@@ -20,8 +20,8 @@ SWEEP_PY = os.path.join(ROOT, "scripts", "sweep.py")
 QUICKSTART = os.path.join(ROOT, "configs", "quickstart.yaml")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("sweep_script", SWEEP_PY)
+def load_script(name="sweep"):
+    spec = importlib.util.spec_from_file_location(f"{name}_script", os.path.join(ROOT, "scripts", f"{name}.py"))
     module = importlib.util.module_from_spec(spec)
     sys.modules[spec.name] = module  # dataclasses and pickle look classes up by module
     spec.loader.exec_module(module)
@@ -107,10 +107,21 @@ def test_sweep_runs_every_run_skips_finished_ones_and_survives_a_failure(fake_fm
         assert [os.stat(out / d[0] / f"seed{d[1]}" / f).st_mtime_ns
                 for f in ("last.pth", "eval.json", "train.log")] == before
 
+    # report.py reads what train.py and eval.py wrote
+    report = load_script("report")
+    assert report.main([str(out)]) == 0
+    rows = {r.variant: r for r in map(lambda x: report.read_run(*x), report.find_runs([str(out)])[0])}
+    assert set(rows) == {"mm", "sm"} and all(r.finished for r in rows.values())
+    for variant in ("mm", "sm"):
+        top1 = [log_rows(out / variant / f"seed{s}")[-1]["val_top1"] for s in (0, 1)]
+        line = next(line for line in (out / "report.md").read_text().splitlines() if line.startswith(f"| {variant} |"))
+        assert line.startswith(f"| {variant} | 2 | {sum(top1) / 2:.2f} ± ")
+        assert 0 < rows[variant].values["sparsity"] <= 1 and 0 < rows[variant].values["multimodality"] <= 1
+
 
 def test_interrupted_sweep_saves_and_resumes(fake_fmnist, tmp_path):
-    epochs = 30
-    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], tiny(fake_fmnist, epochs, **{"train.max_steps_per_epoch": 2}))
+    epochs = 8  # the signal comes after the first; the other 7 leave time for it to arrive mid-run
+    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], tiny(fake_fmnist, epochs))
     run_dir = tmp_path / "out" / "mm" / "seed0"
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen([sys.executable, SWEEP_PY, path], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
@@ -194,10 +205,28 @@ def test_bad_sweep_file_is_one_line_naming_file_and_key(tmp_path, capsys, spec, 
     assert err.startswith(f"sweep.py: error: {path}") and message in err and err.count("\n") == 1, err
 
 
+def test_shipped_sweep_files_expand_with_explicit_normalizers():
+    fmnist = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "fashion_mnist_normalizers.yaml"))
+    assert set(fmnist.variants) == {"softmax", "multimax", "sparsemax", "entmax15", "evsoftmax",
+                                    "attention_only", "output_only"}
+    assert len(fmnist.seeds) >= 3 and len(fmnist.runs) == 7 * len(fmnist.seeds)
+    imagenet = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "deit_small_ablations.yaml"))
+    ablations = {os.path.realpath(os.path.join(ROOT, "configs", "ablations", f))
+                 for f in os.listdir(os.path.join(ROOT, "configs", "ablations"))}
+    configs = {os.path.realpath(v["config"]) for v in imagenet.variants.values()}
+    assert ablations <= configs and len(imagenet.seeds) == 1 and imagenet.runs[0].nproc == 8
+    for variants in (fmnist.variants, imagenet.variants):
+        for spec in variants.values():
+            keys = [o.split("=")[0] for o in spec["overrides"]]
+            assert "model.attn_normalizer" in keys and "model.out_normalizer" in keys
+
+
 def test_bad_override_on_the_command_line_and_unknown_variant(tmp_path, capsys):
     path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], [])
     assert sweep.main([path, "--dry-run", "optim.lrr=1"]) == 2
     assert "command line (variant mm): unknown key 'optim.lrr'" in capsys.readouterr().err
+    assert sweep.main([path, "--dry-run", "train.seed=1"]) == 2
+    assert "command line: train.seed is set by the sweep" in capsys.readouterr().err
     assert sweep.main([path, "--dry-run", "--only", "m"]) == 2
     assert "--only: " in capsys.readouterr().err
 
@@ -238,8 +267,8 @@ def test_slurm_array_has_one_job_per_run_with_the_asked_resources(tmp_path, monk
 
 def test_slurm_job_saves_on_preemption_and_its_requeue_resumes(fake_fmnist, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    epochs = 30
-    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], tiny(fake_fmnist, epochs, **{"train.max_steps_per_epoch": 2}))
+    epochs = 8
+    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], tiny(fake_fmnist, epochs))
     (run,) = sweep.load_sweep(path).runs
     job = sweep.RunJob(slurm=True)
     outcome = []
