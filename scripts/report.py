@@ -52,7 +52,7 @@ class RunResult:
     variant: str
     seed: Optional[int]
     run_dir: str
-    state: str                     # finished | "epoch k of N" | not started | ...
+    state: str                     # "finished", "epoch k of N" or "not started"
     epochs: Optional[int] = None
     rows: List[Dict[str, Any]] = field(default_factory=list)
     values: Dict[str, float] = field(default_factory=dict)   # final_/best_ metrics, sparsity, multimodality, train_min

@@ -42,7 +42,8 @@ def write_run(run_dir, epochs, top1, loss, ema=None, img_per_s=1000.0, done=None
     open(os.path.join(run_dir, "last.pth"), "wb").close()
     if attn is not None:
         layers = {name: {"mean": {"sparsity": s, "multimodality": m}} for name, (s, m) in zip(LAYERS, attn)}
-        overall = {"sparsity": sum(s for s, _ in attn) / len(attn), "multimodality": sum(m for _, m in attn) / len(attn)}
+        overall = {"sparsity": sum(s for s, _ in attn) / len(attn),
+                   "multimodality": sum(m for _, m in attn) / len(attn)}
         with open(os.path.join(run_dir, "eval.json"), "w") as f:
             json.dump({"top1": top1[-1], "attn_stats": {"layers": layers, "mean": overall}}, f)
 
