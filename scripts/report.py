@@ -52,7 +52,7 @@ class RunResult:
     variant: str
     seed: Optional[int]
     run_dir: str
-    state: str                     # "finished", "epoch k of N" or "not started"
+    state: str                     # "finished", "k of N epochs" or "not started"
     epochs: Optional[int] = None
     rows: List[Dict[str, Any]] = field(default_factory=list)
     values: Dict[str, float] = field(default_factory=dict)   # final_/best_ metrics, sparsity, multimodality, train_min
@@ -141,12 +141,13 @@ def read_run(variant: str, seed: Optional[int], run_dir: str) -> RunResult:
     epochs, config_seed, global_batch = _run_config(run_dir)
     seed = seed if seed is not None else config_seed
     rows = [r for r in read_jsonl(os.path.join(run_dir, "log.jsonl")) if isinstance(r.get("epoch"), int)]
+    started = rows or os.path.exists(os.path.join(run_dir, "last.pth"))
     result = RunResult(variant, seed, run_dir, "not started", epochs, rows)
-    if not rows:
+    done = rows[-1]["epoch"] + 1 if rows else 0
+    if not started:
         return result
-    last = rows[-1]["epoch"] + 1
-    if epochs is None or last < epochs or _finite(rows[-1].get("val_top1")) is None:
-        result.state = f"epoch {last} of {epochs if epochs is not None else '?'}"
+    if epochs is None or done < epochs or _finite(rows[-1].get("val_top1")) is None:
+        result.state = f"{done} of {epochs if epochs is not None else '?'} epochs"
         return result
     result.state = "finished"
     for suffix in ("", "_ema"):

@@ -50,7 +50,7 @@ def write_run(run_dir, epochs, top1, loss, ema=None, img_per_s=1000.0, done=None
 
 @pytest.fixture
 def sweep_dir(tmp_path):
-    """Variant a: 3 finished seeds with EMA; b: seed 0 finished, seed 1 at epoch 1 of 3, seed 2 not started."""
+    """Variant a: 3 finished seeds with EMA; b: seed 0 finished, seed 1 after 1 of 3 epochs, seed 2 not started."""
     out = tmp_path / "sweep"
     runs = []
     for seed, (t, s) in enumerate([(80.0, 0.1), (82.0, 0.2), (84.0, 0.3)]):
@@ -84,7 +84,7 @@ def test_table_has_the_means_and_spreads_of_finished_runs(sweep_dir, capsys):
         assert float(a[f"{column}_mean"]) == pytest.approx(mean), column
         assert float(a[f"{column}_std"]) == pytest.approx(std, abs=1e-12), column
     # b: only seed 0 is averaged (no std from one run); seed 1's 99% must not leak in
-    assert b["seeds"] == "1" and b["unfinished"] == "seed 1: epoch 1 of 3, seed 2: not started"
+    assert b["seeds"] == "1" and b["unfinished"] == "seed 1: 1 of 3 epochs, seed 2: not started"
     assert float(b["final_top1_mean"]) == 70.0 and b["final_top1_std"] == "" and b["final_top1_ema_mean"] == ""
     assert float(b["train_min_mean"]) == pytest.approx(3 * 10 * 100 / 500 / 60)
     assert float(b["sparsity[blocks.1.attn]_mean"]) == pytest.approx(0.8)
@@ -93,13 +93,13 @@ def test_table_has_the_means_and_spreads_of_finished_runs(sweep_dir, capsys):
     line_a = next(line for line in md.splitlines() if line.startswith("| a |"))
     assert "| 3 | 82.00 ± 2.00 | 83.00 ± 2.00 |" in line_a and "| 0.2500 ± 0.1000 | 0.6000 ± 0.0000 |" in line_a
     line_b = next(line for line in md.splitlines() if line.startswith("| b |"))
-    assert "| 1 | 70.00 | 70.00 |" in line_b and line_b.endswith("| seed 1: epoch 1 of 3, seed 2: not started |")
+    assert "| 1 | 70.00 | 70.00 |" in line_b and line_b.endswith("| seed 1: 1 of 3 epochs, seed 2: not started |")
     assert "![val_top1](val_top1.png)" in md and "![attention_sm](attention_sm.png)" in md
     for name in ("val_top1.png", "attention_sm.png"):
         assert (sweep_dir / name).stat().st_size > 10_000
 
     per_run = read_csv(sweep_dir / "runs.csv")
-    assert per_run["b/1"]["state"] == "epoch 1 of 3" and per_run["b/2"]["state"] == "not started"
+    assert per_run["b/1"]["state"] == "1 of 3 epochs" and per_run["b/2"]["state"] == "not started"
     assert float(per_run["a/2"]["final_top1"]) == 84.0 and float(per_run["a/2"]["sparsity[blocks.0.attn]"]) == 0.3
 
 
@@ -110,7 +110,7 @@ def test_run_directories_without_a_sweep_are_grouped_by_name(sweep_dir, tmp_path
     rows = read_csv(out / "report.csv")
     assert rows["a"]["seeds"] == "2" and float(rows["a"]["final_top1_mean"]) == pytest.approx(82.0)
     assert float(rows["a"]["final_top1_std"]) == pytest.approx(2.8284271247)
-    assert rows["b"]["seeds"] == "1" and rows["b"]["unfinished"] == "seed 1: epoch 1 of 3"  # found by walking b/
+    assert rows["b"]["seeds"] == "1" and rows["b"]["unfinished"] == "seed 1: 1 of 3 epochs"  # found by walking b/
 
 
 def test_stale_eval_result_is_not_used(sweep_dir, capsys):
@@ -119,7 +119,7 @@ def test_stale_eval_result_is_not_used(sweep_dir, capsys):
     assert report.main([str(sweep_dir)]) == 0
     assert read_csv(sweep_dir / "report.csv")["b"]["sparsity_mean"] == ""
     line_b = next(line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| b |"))
-    assert line_b.endswith("| seed 1: epoch 1 of 3, seed 2: not started, seed 0: no eval.json (S, M) |")
+    assert line_b.endswith("| seed 1: 1 of 3 epochs, seed 2: not started, seed 0: no eval.json (S, M) |")
 
 
 def test_bad_input_is_one_line(tmp_path, capsys):
