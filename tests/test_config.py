@@ -19,8 +19,9 @@ from timm.models import model_entrypoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
+# configs/sweeps/ holds sweep files of scripts/sweep.py, not run configs (tests/test_sweep.py loads them)
 PRESETS = sorted(p for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
-                 if not os.path.basename(p).startswith("_"))
+                 if not os.path.basename(p).startswith("_") and not os.path.relpath(p, CONFIGS).startswith("sweeps"))
 DEIT = [os.path.join(CONFIGS, f"deit_{size}_{kind}.yaml") for size in ("tiny", "small", "base")
         for kind in ("gap", "multimax")]
 
