@@ -79,3 +79,30 @@ def test_median_ci_brackets_the_median():
     assert lo < sorted(xs)[20] < hi
     assert (lo, hi) == (sorted(xs)[14], sorted(xs)[26])  # ranks 20.5 ∓ 6.3 of 41
     assert bench.median_ci([1.2]) == (1.2, 1.2)
+
+
+def test_deit_preset_puts_flex_next_to_compiled_explicit_on_cuda():
+    """On CUDA the deit preset times softmax-SDPA, MultiMax explicit and MultiMax flex side by
+    side for each compile flag; on CPU (no flex backward) MultiMax runs as auto picks it."""
+    bench = load_script("benchmark")
+    groups = bench.deit_groups(128, ["bf16"], [False, True], ["train"], sizes=["small"], device=torch.device("cuda"))
+    (name, variants), = groups.items()
+    assert name == "deit_small-train-bf16"
+    assert [(v.model.split("_")[2], v.backend, v.compile) for v in variants] == [
+        ("gap", "auto", False), ("multimax", "explicit", False), ("multimax", "flex", False),
+        ("gap", "auto", True), ("multimax", "explicit", True), ("multimax", "flex", True)]
+    cpu = bench.deit_groups(8, ["fp32"], [True], ["train", "infer"], device=torch.device("cpu"))
+    assert list(cpu) == ["deit_tiny-train-fp32", "deit_tiny-infer-fp32", "deit_small-train-fp32", "deit_small-infer-fp32"]
+    assert all([v.backend for v in vs] == ["auto", "auto"] for vs in cpu.values())
+
+
+def test_deit_preset_runs_on_the_micro_size(tmp_path):
+    bench = load_script("benchmark")
+    out_json = tmp_path / "d.json"
+    rc = bench.main(["--preset", "deit", "--sizes", "micro", "--mode", "train", "--compile", "off", "--batch-size", "2",
+                     "--warmup", "1", "--repeats", "1", "--steps", "1", "--threads", "1", "--no-memory",
+                     "--out-json", str(out_json)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["throughput"]
+    assert [(r["attn"], r["kernel"], r["variant"]["dtype"]) for r in rows] == [
+        ("softmax", "sdpa", "fp32"), ("multimax", "explicit", "fp32")]
