@@ -425,14 +425,49 @@ def test_flex_forward_and_gradients_match_explicit_on_cuda(normalizer):
 
 
 @CUDA
-def test_auto_uses_flex_on_cuda_and_matches_explicit():
+def test_auto_on_cuda_matches_explicit():
+    """auto on a GPU: flex for inference (where flex is usable), for training only where its
+    backward is proven; either way the explicit path's outputs and gradients."""
     torch.manual_seed(0)
     a, b = _tiny("explicit").cuda(), _tiny("auto").cuda()
     b.load_state_dict(a.state_dict())
-    expected = "flex" if flex_available(torch.device("cuda")) else "explicit"
-    assert b.blocks[0].attn.kernel(torch.device("cuda")) == expected
+    cuda, usable = torch.device("cuda"), flex_available(torch.device("cuda"))
     x = torch.randn(2, 3, 32, 32, device="cuda")
-    torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert b.blocks[0].attn.kernel(cuda) == ("flex" if usable else "explicit")
+        torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
+    assert b.blocks[0].attn.kernel(cuda) == ("flex" if usable and kernels.flex_training_proven() else "explicit")
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-4)
+    for (n, _), ga, gb in zip(a.named_parameters(), torch.autograd.grad(ya.sum(), list(a.parameters())),
+                              torch.autograd.grad(yb.sum(), list(b.parameters()))):
+        torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_model_trains_with_flex_on_cuda(dtype):
+    """The model compiled as train.compile compiles it, flex inside: Inductor lowers flex's
+    backward with our score_mod (what FLEX_TRAINING_PROVEN rests on) and matches explicit."""
+    if not flex_available(torch.device("cuda")):
+        pytest.skip("flex attention unusable on this GPU install")
+    torch.manual_seed(0)
+    a, b = _tiny("explicit", modulator_init="zeros").cuda(), _tiny("flex", modulator_init="zeros").cuda()
+    with torch.no_grad():
+        for m in (a, b):
+            for i, blk in enumerate(m.blocks):
+                blk.attn.normalizer.modulator.ts.copy_(torch.tensor([0.3, -0.2, 0.1, 0.05]) * (i + 1))
+    b.load_state_dict(a.state_dict())
+    compiled = torch.compile(b)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
+        ya, yb = a(x), compiled(x)
+    tol, grad_tol = (1e-3, 1e-2) if dtype == "fp32" else (5e-2, 1e-1)  # bf16: the products round differently
+    torch.testing.assert_close(yb, ya, rtol=tol, atol=tol)
+    for (n, _), ga, gb in zip(a.named_parameters(), torch.autograd.grad(ya.float().sum(), list(a.parameters())),
+                              torch.autograd.grad(yb.float().sum(), list(b.parameters()))):
+        assert (gb - ga).norm() <= grad_tol * ga.norm() + 1e-6, n
 
 
 @CUDA
