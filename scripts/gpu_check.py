@@ -1,5 +1,5 @@
 #!/usr/bin/env python
-"""Check that this repository trains correctly on a machine's NVIDIA GPUs, in about five minutes.
+"""Check that this repository trains correctly on a machine's NVIDIA GPUs (meant to take about five minutes).
 
     scripts/gpu_check.sh                       # all checks; logs and tables in runs/gpu_check/
     scripts/gpu_check.sh --only flex benchmark # some of them
