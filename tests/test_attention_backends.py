@@ -1,4 +1,5 @@
 """Attention backends (explicit, chunked, flex, sdpa, auto): they agree, and auto picks the right one."""
+import os
 from types import SimpleNamespace
 
 import pytest
@@ -14,7 +15,8 @@ from models.attention_kernels import (
 import models.attention_kernels as kernels
 from models.multimax import build_normalizer
 
-from helpers import load_script
+from engine.config import load_config
+from helpers import ROOT, load_script
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -107,6 +109,13 @@ def test_auto_trains_with_flex_only_where_its_backward_is_proven(monkeypatch):
     drop = _tiny("auto", attn_drop_rate=0.1).blocks[0].attn
     assert drop.kernel(torch.device("cuda")) == "explicit"
     assert m.blocks[0].attn.kernel(torch.device("cuda"), masked=True) == "explicit"
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_multimax_presets_compile_the_explicit_training_path(size):
+    """Where auto trains MultiMax with the explicit path (flex not proven), the presets compile it."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"deit_{size}_multimax.yaml"))
+    assert cfg.train.compile and cfg.model.attn_backend == "auto" and cfg.model.attn_normalizer == "multimax"
 
 
 def test_chunk_rows_follow_each_devices_memory_budget(monkeypatch):
