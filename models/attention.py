@@ -16,8 +16,15 @@ Backends (``backend=``):
   multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
 - ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
   multimax/softmax, no attention dropout.
-- ``auto``: sdpa for softmax; for multimax flex on CUDA when flex is usable (Triton present,
-  no mask, no attention dropout while training), explicit otherwise.
+- ``auto``: sdpa for softmax; for multimax on CUDA flex where flex is usable (Triton present,
+  no mask, no attention dropout while training) and, when gradients are on, only where its
+  backward is proven (``attention_kernels.FLEX_TRAINING_PROVEN``); explicit otherwise, which
+  ``train.compile`` compiles.
+
+The choice depends only on the module's configuration, the device of its weights, grad mode
+and recording, never on a traced value, so torch.compile guards on it and FX can trace the
+model (the kernels are FX leaf functions; the normalizers and SegLU leaf modules for timm's
+FX feature extraction). TorchScript is not supported.
 
 Attention probabilities are never kept on the module. Analysis asks for them with
 ``record_attention(model)``, which collects them per layer for the forwards inside its block.
@@ -29,16 +36,22 @@ from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Optional, Type
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
-    modulated_attention, modulated_softmax,
+    flex_training_proven, modulated_attention, modulated_softmax,
 )
 from .multimax import NORMALIZERS, build_normalizer
 
 ATTN_BACKENDS = ("auto", "sdpa", "explicit", "flex", "chunked")
+
+# FX traces a call to these as one node: they branch on their inputs (grad, device, shapes, masks)
+for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "flex_attention_with",
+              "_additive_mask"):
+    torch.fx.wrap(_leaf)
 
 
 @dataclass
@@ -114,7 +127,8 @@ class MultiMaxAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        path = self.kernel(q.device, masked=attn_mask is not None or is_causal)
+        # `is not False`: under FX, is_causal is a traced input (timm passes its forward's through)
+        path = self.kernel(self._weight_device(), masked=attn_mask is not None or is_causal is not False)
         if path == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v,
@@ -136,10 +150,10 @@ class MultiMaxAttention(nn.Module):
         return self.proj_drop(self.proj(self.norm(out)))
 
     def kernel(self, device: torch.device, masked: bool = False) -> str:
-        """The kernel a forward on ``device`` uses: sdpa | explicit | flex | chunked.
+        """The kernel a forward on ``device`` uses now: sdpa | explicit | flex | chunked.
 
-        Depends only on static facts (module config, device, training mode, recording), so
-        torch.compile guards on it instead of breaking the graph."""
+        Depends only on static facts (module config, device, training mode, grad mode,
+        recording), so torch.compile guards on it instead of breaking the graph."""
         if self._record is not None:
             return "explicit"
         if self.backend != "auto":
@@ -148,9 +162,15 @@ class MultiMaxAttention(nn.Module):
         if name == "softmax":
             return "sdpa"
         dropout = self.training and self.attn_drop.p > 0
-        if name == "multimax" and device.type == "cuda" and not masked and not dropout and flex_available(device):
+        if (name == "multimax" and device.type == "cuda" and not masked and not dropout and flex_available(device)
+                and (not torch.is_grad_enabled() or flex_training_proven())):
             return "flex"
         return "explicit"
+
+    def _weight_device(self) -> torch.device:
+        """The device of the layer's weights: a plain value even under FX tracing (the input's
+        ``.device`` would be a traced value there; ``parameters()`` yields the tensors themselves)."""
+        return next(self.qkv.parameters()).device
 
     def _explicit(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]

@@ -1,4 +1,6 @@
 """Model registry, architecture rules, attention paths and the three checkpoint formats."""
+import os
+
 import pytest
 import timm
 import torch
@@ -7,6 +9,8 @@ import torch.nn.functional as F
 import models
 from models import CheckpointMismatchError, load_weights, record_attention
 from models.multimax import NORMALIZERS
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 NAMES = sorted(
     n for n in timm.list_models("*")
@@ -61,6 +65,28 @@ def test_modulator_init_and_qkv_bias_knobs():
         assert torch.count_nonzero(mod.ranges) == 0 and torch.count_nonzero(mod.ts) == 0
     assert set(models.modulators(m)) == {"blocks.0.attn.normalizer.modulator",
                                          "blocks.1.attn.normalizer.modulator", "out_modulator"}
+
+
+def test_affine_ablation_is_the_authors_variant():
+    """configs/ablations/first_order_affine.yaml: affine + first-order σ in attention, a plain
+    first-order σ on the logits (the authors' DeiT code for this variant)."""
+    from engine.config import load_config
+    from engine.model import build_model
+
+    cfg = load_config(os.path.join(ROOT, "configs", "ablations", "first_order_affine.yaml"))
+    with torch.device("meta"):
+        m = build_model(cfg.model, num_classes=10, in_chans=3)
+    attn = [b.attn.normalizer.modulator for b in m.blocks]
+    assert all(s.order == 1 and s.scale is not None and s.shift is not None for s in attn)
+    assert m.out_modulator.order == 1 and m.out_modulator.scale is None
+    tiny = _tiny(modulator_order=1, modulator_affine=True).eval()
+    with torch.no_grad():
+        tiny.out_modulator.ts.copy_(torch.tensor([0.5, -0.3]))
+        x = torch.randn(2, 3, 32, 32)
+        logits = tiny.head(tiny.forward_head(tiny.forward_features(x), pre_logits=True))
+        r, t = tiny.out_modulator.ranges, tiny.out_modulator.ts
+        want = logits + t[0] * torch.relu(r[0] - logits) + t[1] * torch.relu(logits - r[1])
+        torch.testing.assert_close(tiny(x), want)
 
 
 def test_zero_init_multimax_equals_softmax_gap():
