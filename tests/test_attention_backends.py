@@ -115,7 +115,9 @@ def test_auto_trains_with_flex_only_where_its_backward_is_proven(monkeypatch):
 def test_multimax_presets_compile_the_explicit_training_path(size):
     """Where auto trains MultiMax with the explicit path (flex not proven), the presets compile it."""
     cfg = load_config(os.path.join(ROOT, "configs", f"deit_{size}_multimax.yaml"))
-    assert cfg.train.compile and cfg.model.attn_backend == "auto" and cfg.model.attn_normalizer == "multimax"
+    assert cfg.train.compile and cfg.model.attn_backend == "auto"
+    # the model name decides the normalizers (the presets leave them to the registered variant)
+    assert "_multimax_" in cfg.model.name and cfg.model.attn_normalizer in (None, "multimax")
 
 
 def test_chunk_rows_follow_each_devices_memory_budget(monkeypatch):
