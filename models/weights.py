@@ -341,9 +341,11 @@ def _mismatch_message(source: str, missing: Sequence[str], unexpected: Sequence[
         parts.append(f"shape mismatches: {'; '.join(shapes[:6])}")
     hint = ""
     if any(k.endswith("attn.qkv.bias") for k in unexpected):
-        hint = " (the checkpoint has qkv biases and the model none: build it with qkv_bias=True)"
+        hint = (" (the checkpoint has qkv biases and the model none: qkv_bias=True builds them, in a config "
+                "model.qkv_bias=true, for timm's own models model.kwargs.qkv_bias=true)")
     elif any(k.endswith("attn.qkv.bias") for k in missing):
-        hint = " (the checkpoint has no qkv biases: build the model with qkv_bias=False)"
+        hint = (" (the checkpoint has no qkv biases: build the model with qkv_bias=False, in a config "
+                "model.qkv_bias=false, for timm's own models model.kwargs.qkv_bias=false)")
     return f"checkpoint ({source} format) does not fit the model: " + "; ".join(parts) + hint
 
 
