@@ -50,9 +50,10 @@ def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optiona
 # since its own defaults (e.g. DeiT's qkv_bias=True) describe its weights.
 _OURS_ONLY = ("attn_normalizer", "out_normalizer", "modulator_order", "modulator_init", "modulator_affine",
               "softmax_temperature", "attn_backend", "grad_checkpointing", "qkv_bias")
-# Generic knobs that not every timm model takes: its entrypoint hides the class behind **kwargs,
-# so a refusal shows only when it is built, and such a knob is then left out.
-_IF_ACCEPTED = ("img_size", "drop_rate", "drop_path_rate")
+# Generic knobs that not every timm model takes (qkv_bias: eval.py reads it off a ViT checkpoint's
+# weights): the entrypoint hides the class behind **kwargs, so a refusal shows only when the
+# model is built, and such a knob is then left out.
+_IF_ACCEPTED = ("img_size", "drop_rate", "drop_path_rate", "qkv_bias")
 _UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
 
 

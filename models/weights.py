@@ -279,9 +279,10 @@ def _token_mismatch(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.T
     """Why a strict load cannot go on when the checkpoint and the model pool differently, else None."""
     extra = [t for t in _PREFIX_TOKENS if t in sd and t not in target]
     if extra:
-        return (f"it is a class-token model ({', '.join(extra)}) and this model averages the patch tokens, "
-                f"another function than the one trained; evaluate it in its own architecture: --model "
-                f"{class_token_architecture(sd)} (model.init_checkpoint starts a GAP model from it)")
+        return (f"it is a class-token model ({', '.join(extra)}) and this model has no class token, so its "
+                f"classifier would read other features than it was trained on (a GAP model averages the patch "
+                f"tokens); evaluate it in its own architecture: --model {class_token_architecture(sd)} "
+                f"(model.init_checkpoint starts a GAP model from it)")
     missing = [t for t in _PREFIX_TOKENS if t in target and t not in sd]
     if missing:
         return (f"the checkpoint has no {', '.join(missing)} (it pools the average of its tokens) and the model "
