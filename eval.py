@@ -134,8 +134,8 @@ class Source:
     same_file: List[str] = field(default_factory=list)  # hard links to ``path`` evaluated with it
 
     @classmethod
-    def file(cls, path: str, label: Optional[str] = None) -> "Source":
-        return cls(label or path, os.path.dirname(os.path.abspath(path)), path=path)
+    def file(cls, path: str) -> "Source":
+        return cls(path, os.path.dirname(os.path.abspath(path)), path=path)
 
     @property
     def stem(self) -> str:
@@ -179,8 +179,8 @@ def sources(args: argparse.Namespace) -> List[Source]:
     if args.pretrained:
         return [Source(f"timm:{args.model}", os.getcwd(), timm_name=args.model)]
     path = args.checkpoint
-    if is_url(path):
-        return [Source.file(download_checkpoint(path), label=path)]
+    if is_url(path):  # results go to the working directory, not into the download cache
+        return [Source(path, os.getcwd(), path=download_checkpoint(path))]
     if os.path.isdir(path):
         exported = _exported_config(path)
         if exported is not None:

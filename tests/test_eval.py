@@ -264,3 +264,15 @@ def test_clear_errors(trained_run, fake_fmnist, tmp_path, capsys):
             capsys, "--checkpoint", last, "--attn-stats", "--attn-stats-batches", n)
     assert "--pretrained/--pretrained-file need --model" in one_line_error(capsys, "--pretrained")
     assert "deit_small_patch16_224" in one_line_error(capsys, "--checkpoint", last, "--model", "deit_smal_patch16_224")
+
+
+def test_a_url_is_downloaded_into_the_cache_and_results_go_to_the_working_dir(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    url = "file://" + os.path.join(trained_run, "last.pth")
+    assert run_eval("--checkpoint", url) == 0
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "last.pth").is_file()
+    res = json.loads((work / "last.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json").read_text())
+    assert res["checkpoint"] == url and res["num_images"] == 37
