@@ -92,7 +92,8 @@ def train(cfg, info: dist.DistInfo) -> dict:
             if train_stats.pop("interrupted"):
                 if info.is_main:
                     save_checkpoint(training_state(cfg, model, ema, optimizer, scaler, epoch - 1, state, best,
-                                                   epoch_step=train_stats["steps_done"]), os.path.join(run_dir, "last.pth"))
+                                                   epoch_step=train_stats["steps_done"], classes=loaders.info.classes),
+                                    os.path.join(run_dir, "last.pth"))
                 console(f"signal {stop_signal.received}: saved {run_dir}/last.pth at epoch {epoch}, step "
                         f"{train_stats['steps_done']} of it; rerun the same command to resume", info.is_main)
                 break
@@ -106,7 +107,8 @@ def train(cfg, info: dist.DistInfo) -> dict:
             metric = record.get("val_top1")
             if metric is not None and (best.get("value") is None or metric > best["value"]):
                 best = {"metric": "val_top1", "value": metric, "epoch": epoch}
-            checkpoints.save(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best), epoch, metric)
+            checkpoints.save(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best,
+                                            classes=loaders.info.classes), epoch, metric)
             logger.log_epoch(record, state.step)
             if cfg.train.log_modulators:
                 logger.modulators(modulators(unwrap(model)), state.step, figure=cfg.train.plot_modulators)

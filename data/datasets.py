@@ -40,6 +40,7 @@ class DatasetInfo:
     in_chans: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    classes: Optional[Tuple[str, ...]] = None  # class names by label index, when the dataset has them
 
 
 # ----------------------------------------------------------------------------- IDX / Fashion-MNIST
@@ -310,12 +311,12 @@ def _timm_dataset(cfg: DataConfig, split: str, training: bool) -> Dataset:
     return ds
 
 
-def _timm_num_classes(ds: Dataset) -> Optional[int]:
-    """Class count from torchvision's ``classes`` or timm's reader ``class_to_idx``, if known."""
+def _timm_class_names(ds: Dataset) -> Optional[Tuple[str, ...]]:
+    """Class names by label from torchvision's ``classes`` or timm's reader ``class_to_idx``, if known."""
     if getattr(ds, "classes", None):
-        return len(ds.classes)
+        return tuple(str(c) for c in ds.classes)
     class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None)
-    return len(class_to_idx) if class_to_idx else None
+    return tuple(str(c) for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])) if class_to_idx else None
 
 
 def _channels_of(ds: Dataset, name: str) -> int:
@@ -344,14 +345,16 @@ def create_dataset(cfg: DataConfig, split: str, training: bool) -> Tuple[Dataset
         raise UserError(f"data.dataset = {name!r} {problem}")
     if name.lower() in FASHION_MNIST_NAMES:
         ds = load_fashion_mnist(cfg.root, split, cfg.download)
-        return ds, DatasetInfo("fashion_mnist", 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return ds, DatasetInfo("fashion_mnist", 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST.classes)
     if name.lower() in IMAGEFOLDER_NAMES:
         ds = ImageFolderDataset(split_dir(cfg, split), cfg.bad_images)
-        return ds, DatasetInfo(name, len(ds.classes), 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+        return ds, DatasetInfo(name, len(ds.classes), 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+                               tuple(ds.classes))
     ds = _timm_dataset(cfg, split, training)
     in_chans = _channels_of(ds, name)
     mean, std = (GRAY_MEAN, GRAY_STD) if in_chans == 1 else (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
-    return ds, DatasetInfo(name, _timm_num_classes(ds) or 0, in_chans, mean, std)
+    classes = _timm_class_names(ds)
+    return ds, DatasetInfo(name, len(classes or ()), in_chans, mean, std, classes)
 
 
 def take_subset(ds: Dataset, n: Optional[int]) -> Dataset:

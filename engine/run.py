@@ -5,7 +5,7 @@ import os
 import random
 import signal
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -87,10 +87,12 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
 
 
 def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, state: TrainState,
-                   best: Dict[str, Any], epoch_step: int = 0) -> Dict[str, Any]:
+                   best: Dict[str, Any], epoch_step: int = 0,
+                   classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The checkpoint dict of DESIGN §4 (loadable with ``torch.load(weights_only=True)``).
     ``epoch`` is the last completed epoch; ``epoch_step`` > 0 marks a mid-epoch checkpoint
-    (written on SIGTERM/SIGUSR1) holding that many optimizer steps of epoch ``epoch + 1``."""
+    (written on SIGTERM/SIGUSR1) holding that many optimizer steps of epoch ``epoch + 1``.
+    ``classes``: the training set's class names by label (eval.py checks a split against them)."""
     return {
         "model": model.state_dict(),
         "model_ema": ema.state_dict() if ema is not None else None,
@@ -103,6 +105,7 @@ def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, st
         "best": dict(best),
         "rng": gather_rng_states(),
         "config": dump_config(cfg),
+        "classes": list(classes) if classes is not None else None,
         "format_version": FORMAT_VERSION,
     }
 

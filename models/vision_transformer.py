@@ -127,13 +127,12 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, arch: str, kind: str, pretrained: bool = False, **kwargs: Any) -> MultiMaxVisionTransformer:
-    if pretrained:
-        raise ValueError(
-            f"{variant}: no pretrained weights are hosted; load a checkpoint with models.load_weights(model, path)"
-        )
+    # No weights are hosted under these names: pretrained=True loads what the caller points at
+    # (an exported folder via "local-dir:" / "hf-hub:", or pretrained_cfg_overlay=dict(file=...)),
+    # else timm says that no pretrained weights exist.
     args = {**_ARCHS[arch], **_VARIANTS[kind], **kwargs}
     out_indices = args.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
-    return build_model_with_cfg(MultiMaxVisionTransformer, variant, pretrained=False,
+    return build_model_with_cfg(MultiMaxVisionTransformer, variant, pretrained=pretrained,
                                 feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 

@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models
-from models import CheckpointMismatchError, load_weights, record_attention
+from models import CheckpointMismatchError, load_weights
 from models.multimax import NORMALIZERS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -128,22 +128,6 @@ def test_gradient_checkpointing_same_gradients():
         m(x).sum().backward()
     for (n, pa), pb in zip(a.named_parameters(), b.parameters()):
         torch.testing.assert_close(pa.grad, pb.grad, msg=n)
-
-
-def test_record_attention_is_opt_in():
-    m = _tiny().eval()
-    x = torch.randn(2, 3, 32, 32)
-    with record_attention(m, scores=True) as rec:
-        y = m(x)
-    assert sorted(rec.probs) == ["blocks.0.attn", "blocks.1.attn"]
-    p = rec.probs["blocks.0.attn"][0]
-    assert p.shape == (2, 3, 16, 16)
-    torch.testing.assert_close(p.sum(-1), torch.ones(2, 3, 16))
-    assert rec.scores["blocks.0.attn"][0].shape == p.shape
-    # nothing is kept after the block, and the output did not change
-    torch.testing.assert_close(m(x), y)
-    assert all(a._record is None for a in m.modules() if hasattr(a, "_record"))
-    assert not any("attn" in k for k in vars(m.blocks[0].attn) if isinstance(getattr(m.blocks[0].attn, k), torch.Tensor))
 
 
 def test_bf16_autocast_finite_for_large_logits():
