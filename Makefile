@@ -15,13 +15,14 @@ $(VENV)/.installed: requirements.txt
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
-# Debian's dataset-fashion-mnist package; elsewhere set data.download=true (torchvision fetches it).
+# Debian's dataset-fashion-mnist package where apt-get can install it; elsewhere the quickstart
+# config (data.download=true) fetches Fashion-MNIST on first use into ~/.cache/multimax-vit/fashion-mnist.
 data:
 	@if [ ! -f $(FMNIST)/train-images-idx3-ubyte.gz ]; then \
 	  if command -v apt-get >/dev/null 2>&1 && [ "$$(id -u)" = 0 ]; then \
 	    (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist >/dev/null) \
-	      || echo "warning: could not install dataset-fashion-mnist"; \
-	  else echo "note: $(FMNIST) missing and apt-get unavailable; use data.download=true"; fi; \
+	      || echo "note: could not install dataset-fashion-mnist; train.py will download Fashion-MNIST"; \
+	  else echo "note: no $(FMNIST) and no apt-get as root; train.py will download Fashion-MNIST"; fi; \
 	fi
 
 # The main job: train the quickstart MultiMax ViT on Fashion-MNIST (CPU), then evaluate it.

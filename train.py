@@ -53,7 +53,7 @@ def train(cfg, info) -> int:
     from engine.cpu_alloc import apply_allocator_mode
     from engine.logger import RunLogger, console
     from engine.loop import LoopOptions, Trainer, build_criterion, evaluate
-    from engine.model import EMA, build_model
+    from engine.model import EMA, build_model, built_model_config
     from engine.optim import build_optimizer, build_schedule, describe_groups
     from engine.run import (
         RunLock, check_run_dir, epoch_record, find_resume, prepare_run_dir, restore_training_state, seed_epoch,
@@ -69,6 +69,7 @@ def train(cfg, info) -> int:
     protect_workers(loaders.train, loaders.val)  # they must outlive a stop signal sent to the process group
     torch.manual_seed(cfg.train.seed)  # the same initial weights on every rank and every run
     model = build_model(cfg.model, loaders.info.num_classes, loaders.info.in_chans).to(info.device)
+    cfg.model = built_model_config(cfg.model, model)  # config.yaml and checkpoints name the normalizers built
     run_dir = check_run_dir(cfg)  # nothing is written before data, model and resume are known good
     resume = find_resume(cfg, run_dir, info)
     if resume.finished(cfg.train.epochs):
@@ -114,8 +115,9 @@ def train(cfg, info) -> int:
                 result = trainer.train_one_epoch(loaders.train, epoch, start, stop, logger.scalars)
                 if result.interrupted:
                     checkpoints.wait()  # the previous epoch's file first
-                    ckpt = training_state(cfg, model, ema, optimizer, scaler, epoch - 1, state, best,
-                                          epoch_step=result.steps_done, epoch_sums=result.sums)  # on every rank
+                    ckpt = training_state(cfg, model, ema, optimizer, scaler, epoch - 1, state, best,  # on every rank
+                                          epoch_step=result.steps_done, epoch_sums=result.sums,
+                                          classes=loaders.info.classes)
                     if info.is_main:
                         save_checkpoint(ckpt, os.path.join(run_dir, LAST))
                     console(f"{stop.name}: saved {run_dir}/{LAST} at epoch {epoch}, step {result.steps_done} of "
@@ -130,8 +132,8 @@ def train(cfg, info) -> int:
                 metric = record.get("val_top1")
                 if metric is not None and (best.get("value") is None or metric > best["value"]):
                     best = {"metric": "val_top1", "value": metric, "epoch": epoch}
-                checkpoints.save_in_background(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best),
-                                               epoch, metric)
+                checkpoints.save_in_background(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best,
+                                                              classes=loaders.info.classes), epoch, metric)
                 logger.log_epoch(record, state.step)
                 if cfg.train.log_modulators:
                     logger.modulators(modulators(unwrap_model(model)), state.step, figure=cfg.train.plot_modulators)

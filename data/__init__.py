@@ -33,8 +33,8 @@ from .samplers import RepeatAugSampler, ShardedEvalSampler
 from .transforms import eval_transform, train_transform
 
 __all__ = [
-    "Loaders", "DatasetInfo", "build_loaders", "build_eval_loader", "build_mixup", "set_epoch", "eval_transform",
-    "train_transform", "RepeatAugSampler", "ShardedEvalSampler",
+    "Loaders", "DatasetInfo", "build_loaders", "build_eval_loader", "build_mixup", "repeated_aug_copies", "set_epoch",
+    "eval_transform", "train_transform", "RepeatAugSampler", "ShardedEvalSampler",
 ]
 
 
@@ -118,10 +118,28 @@ def _rank_generator(seed: int, rank: int) -> torch.Generator:
     return torch.Generator().manual_seed(int(state))
 
 
+def repeated_aug_copies(repeated_aug: int, world_size: int, warn: bool = True) -> int:
+    """Copies of each image per epoch for ``data.repeated_aug`` on ``world_size`` processes:
+    at most one per process. Repeated augmentation gives each copy its own process (DeiT's
+    RASampler); copies sharing a process would mostly share a batch and only shrink the epoch's
+    distinct images, so DeiT turns it off on one process, and fewer processes than copies get
+    fewer copies here. ``warn`` says so when it happens."""
+    copies = min(repeated_aug, world_size)
+    if warn and copies < repeated_aug:
+        if copies == 1:
+            what = ("is off on a single process, as in DeiT (its RASampler runs only when distributed): the copies "
+                    f"would share one batch and an epoch would see 1/{repeated_aug} of the images")
+        else:
+            what = (f"makes {copies} copies per image on {world_size} processes, one per process: copies sharing a "
+                    "process would mostly share a batch")
+        warnings.warn(f"data.repeated_aug={repeated_aug}: repeated augmentation {what}", stacklevel=2)
+    return copies
+
+
 def build_loaders(data_cfg: DataConfig, img_size: int, rank: int, world_size: int, seed: int,
                   num_classes: Optional[int] = None) -> Loaders:
     """Train loader (``data.train_split``, sharded by a repeated-augmentation sampler when
-    ``repeated_aug > 1`` else a seeded DistributedSampler, drop_last) and exact val loader
+    ``repeated_aug_copies`` > 1 else a seeded DistributedSampler, drop_last) and exact val loader
     (``data.val_split``, ShardedEvalSampler), mixup, and the dataset info."""
     cfg = data_cfg
     train_ds, info = create_dataset(cfg, cfg.train_split, training=True)
@@ -137,8 +155,9 @@ def build_loaders(data_cfg: DataConfig, img_size: int, rank: int, world_size: in
     train_ds = take_subset(train_ds, cfg.max_train_samples)
     val_ds = take_subset(val_ds, cfg.max_val_samples)
 
-    if cfg.repeated_aug > 1:
-        train_sampler = RepeatAugSampler(train_ds, world_size, rank, num_repeats=cfg.repeated_aug, seed=seed)
+    repeats = repeated_aug_copies(cfg.repeated_aug, world_size, warn=rank == 0)
+    if repeats > 1:
+        train_sampler = RepeatAugSampler(train_ds, world_size, rank, num_repeats=repeats, seed=seed)
     else:
         train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                            drop_last=True)

@@ -21,13 +21,11 @@ from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
 
-from engine.config import DataConfig
+from engine.config import FASHION_MNIST_NAMES, IMAGEFOLDER_NAMES, DataConfig, dataset_name_problem
 from engine.errors import UserError
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist")
-IMAGEFOLDER_NAMES = ("imagefolder", "image_folder")
 IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Generic normalisation for 1-channel data from timm's factory (3-channel data gets ImageNet's).
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
@@ -42,6 +40,7 @@ class DatasetInfo:
     in_chans: int
     mean: Tuple[float, ...]
     std: Tuple[float, ...]
+    classes: Optional[Tuple[str, ...]] = None  # class names by label index, when the dataset has them
 
 
 # ----------------------------------------------------------------------------- IDX / Fashion-MNIST
@@ -98,12 +97,22 @@ class FashionMNIST(Dataset):
 _FMNIST_SPLITS = {"train": "train", "val": "t10k", "test": "t10k", "t10k": "t10k"}
 
 
+def fashion_mnist_cache_dir() -> str:
+    """Where Fashion-MNIST is fetched to when ``data.root`` is empty: the user's cache,
+    ``$XDG_CACHE_HOME/multimax-vit/fashion-mnist`` (``~/.cache/...`` without that variable)."""
+    cache = os.environ.get("XDG_CACHE_HOME", "")
+    if not os.path.isabs(cache):  # unset, empty or relative: the XDG spec says to ignore it
+        cache = os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(cache, "multimax-vit", "fashion-mnist")
+
+
 def fashion_mnist_dirs(root: str) -> List[str]:
     """Where the IDX files are looked for: ``root`` and torchvision's ``root/FashionMNIST/raw``
-    when a root is given, else the Debian package's directory."""
+    when a root is given, else the Debian package's directory, then the user cache (both layouts)."""
     if root:
         return [root, os.path.join(root, "FashionMNIST", "raw")]
-    return [FASHION_MNIST_DEBIAN_DIR]
+    cache = fashion_mnist_cache_dir()
+    return [FASHION_MNIST_DEBIAN_DIR, cache, os.path.join(cache, "FashionMNIST", "raw")]
 
 
 def _find_idx(dirs: Sequence[str], stem: str) -> Optional[str]:
@@ -115,14 +124,21 @@ def _find_idx(dirs: Sequence[str], stem: str) -> Optional[str]:
 
 
 def _download_fashion_mnist(root: str) -> None:
-    if not root:
-        raise UserError("data.download=true needs data.root: a writable directory to download Fashion-MNIST into")
+    """Fetch the four IDX files with torchvision into ``root/FashionMNIST/raw``. Processes that
+    start together (the ranks of one job) take turns on a lock file: the first downloads, the
+    others find the files."""
+    import fcntl
+
     import torchvision
 
     try:
-        torchvision.datasets.FashionMNIST(root, train=True, download=True)
+        os.makedirs(root, exist_ok=True)
+        with open(os.path.join(root, ".download.lock"), "w") as lock:
+            fcntl.flock(lock, fcntl.LOCK_EX)
+            torchvision.datasets.FashionMNIST(root, train=True, download=True)
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError
-        raise UserError(f"data.download: downloading Fashion-MNIST into {root} failed: {e}") from None
+        reason = " ".join(str(e).split())
+        raise UserError(f"data.download: downloading Fashion-MNIST into {root} failed: {reason}") from None
 
 
 def load_fashion_mnist(root: str, split: str, download: bool = False) -> FashionMNIST:
@@ -135,15 +151,15 @@ def load_fashion_mnist(root: str, split: str, download: bool = False) -> Fashion
     dirs = fashion_mnist_dirs(root)
     paths = [_find_idx(dirs, s) for s in stems]
     if None in paths and download:
-        _download_fashion_mnist(root)
+        _download_fashion_mnist(root or fashion_mnist_cache_dir())
         paths = [_find_idx(dirs, s) for s in stems]
     if None in paths:
         missing = stems[paths.index(None)]
         raise UserError(
-            f"Fashion-MNIST not found: no {missing}[.gz] in {' or '.join(dirs)}. Install it with "
-            f"`apt-get install dataset-fashion-mnist` (files in {FASHION_MNIST_DEBIAN_DIR}, used when data.root "
-            "is empty), point data.root at a directory holding the four IDX files, or set data.download=true "
-            "with data.root set"
+            f"Fashion-MNIST not found: no {missing}[.gz] in {' or '.join(dirs)}. Set data.download=true to fetch "
+            f"it (into {root or fashion_mnist_cache_dir()}), install it with `apt-get install dataset-fashion-mnist` "
+            f"(files in {FASHION_MNIST_DEBIAN_DIR}, used when data.root is empty), or point data.root at a "
+            "directory holding the four IDX files"
         )
     images, labels = (read_idx(p) for p in paths)
     if images.dtype != np.uint8 or images.ndim != 3:
@@ -295,12 +311,12 @@ def _timm_dataset(cfg: DataConfig, split: str, training: bool) -> Dataset:
     return ds
 
 
-def _timm_num_classes(ds: Dataset) -> Optional[int]:
-    """Class count from torchvision's ``classes`` or timm's reader ``class_to_idx``, if known."""
+def _timm_class_names(ds: Dataset) -> Optional[Tuple[str, ...]]:
+    """Class names by label from torchvision's ``classes`` or timm's reader ``class_to_idx``, if known."""
     if getattr(ds, "classes", None):
-        return len(ds.classes)
+        return tuple(str(c) for c in ds.classes)
     class_to_idx = getattr(getattr(ds, "reader", None), "class_to_idx", None)
-    return len(class_to_idx) if class_to_idx else None
+    return tuple(str(c) for c, _ in sorted(class_to_idx.items(), key=lambda kv: kv[1])) if class_to_idx else None
 
 
 def _channels_of(ds: Dataset, name: str) -> int:
@@ -324,16 +340,21 @@ def create_dataset(cfg: DataConfig, split: str, training: bool) -> Tuple[Dataset
     """The dataset ``split`` named by ``cfg.dataset`` (``transform`` still None) and its info,
     whose mean/std are the dataset's defaults (``data.mean``/``data.std`` are applied by the caller)."""
     name = cfg.dataset
+    problem = dataset_name_problem(name)
+    if problem:
+        raise UserError(f"data.dataset = {name!r} {problem}")
     if name.lower() in FASHION_MNIST_NAMES:
         ds = load_fashion_mnist(cfg.root, split, cfg.download)
-        return ds, DatasetInfo("fashion_mnist", 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD)
+        return ds, DatasetInfo("fashion_mnist", 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST.classes)
     if name.lower() in IMAGEFOLDER_NAMES:
         ds = ImageFolderDataset(split_dir(cfg, split), cfg.bad_images)
-        return ds, DatasetInfo(name, len(ds.classes), 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
+        return ds, DatasetInfo(name, len(ds.classes), 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
+                               tuple(ds.classes))
     ds = _timm_dataset(cfg, split, training)
     in_chans = _channels_of(ds, name)
     mean, std = (GRAY_MEAN, GRAY_STD) if in_chans == 1 else (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
-    return ds, DatasetInfo(name, _timm_num_classes(ds) or 0, in_chans, mean, std)
+    classes = _timm_class_names(ds)
+    return ds, DatasetInfo(name, len(classes or ()), in_chans, mean, std, classes)
 
 
 def take_subset(ds: Dataset, n: Optional[int]) -> Dataset:

@@ -26,8 +26,8 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from models.attention import AttentionRecord, MultiMaxAttention
 from models.multimax import modulators
+from models.recording import AttentionRecord, attention_layers
 
 DEFAULT_THRESHOLDS = (1e-4, 1e-3, 1e-2)
 # Elements of one (rows, keys) chunk processed at once: bounds the temporaries of ``update``
@@ -124,9 +124,8 @@ class AttentionStats:
         self.thresholds = tuple(float(t) for t in thresholds)
         self._sums: Dict[str, torch.Tensor] = {}
         if model is not None:
-            for name, m in model.named_modules():
-                if isinstance(m, MultiMaxAttention):
-                    self._layer(name, m.num_heads)
+            for name, m in attention_layers(model):
+                self._layer(name, m.num_heads)
 
     @property
     def layers(self) -> List[str]:

@@ -17,6 +17,7 @@ A training checkpoint is a plain dict; every leaf is a tensor or a plain python 
     best               {"metric", "value", "epoch"} of the best evaluation so far
     rng                {"ranks": [per-rank python/numpy/torch/CUDA generator states]}
     config             the run's config as YAML text
+    classes            the training set's class names, or None
     format_version     1
 
 Writes are atomic: a temp file in the same directory, fsync, ``os.replace``, fsync of the
@@ -38,7 +39,6 @@ import collections
 import json
 import math
 import os
-import pickle
 import random
 import re
 import shutil
@@ -48,6 +48,8 @@ from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
+
+from models.weights import CheckpointReadError, one_line_reason, read_checkpoint
 
 from .errors import UserError
 
@@ -247,55 +249,49 @@ def _first_line(e: BaseException) -> str:
     return (text[0] if text else type(e).__name__)[:200]
 
 
-def _load_safetensors(path: str, map_location: Any) -> Dict[str, Any]:
-    from safetensors import SafetensorError, safe_open
-
-    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-    try:
-        with safe_open(path, framework="pt", device=device) as f:
-            metadata = f.metadata() or {}
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise UserError(f"{path} is truncated or not a safetensors file ({_first_line(e)})") from None
-    out: Dict[str, Any] = {"model": state_dict}
-    if "config" in metadata:
-        out["config"] = metadata["config"]
-    return out
-
-
 def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
-    """Load a ``.pth``/``.pt`` checkpoint with ``torch.load(weights_only=True)``, or a
-    ``.safetensors`` file as ``{"model": state_dict[, "config": metadata["config"]]}``.
+    """``models.read_checkpoint`` for the entry scripts: ``.pth``/``.pt`` with
+    ``torch.load(weights_only=True)`` (plus DeiT's ``argparse.Namespace``), or ``.safetensors``;
     ``mmap`` maps tensors lazily (cheap inspection of a big file). Every failure is a one-line
     UserError naming the path: missing, truncated/corrupt, or holding pickled objects."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise UserError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise UserError(f"checkpoint {path} is a directory, not a file")
-    if path.endswith(".safetensors"):
-        return _load_safetensors(path, map_location)
     try:
-        obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        # a refused class/function means real pickled objects; an odd opcode means junk bytes
-        if refused or re.search(r"Unsupported (global|class)|unrecognized function|Can only build", str(e)):
-            what = f" ({refused.group(1)})" if refused else ""
-            raise UserError(f"{path} contains pickled Python objects{what}; refusing to execute them — "
-                            "re-save it with plain tensors (scripts/export.py)") from None
-        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
-    except RuntimeError as e:
-        if mmap and "mmap can only be used" in str(e):  # legacy (non-zip) format: read it whole
-            return load_checkpoint(path, map_location)
-        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({_first_line(e)})") from None
-    except OSError as e:
-        raise UserError(f"cannot read checkpoint {path}: {e.strerror or e}") from None
-    except (EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError) as e:
-        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({type(e).__name__}: {_first_line(e)})") from None
-    if not isinstance(obj, dict):
-        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
+        return read_checkpoint(path, map_location, mmap)
+    except CheckpointReadError as e:
+        raise UserError(str(e)) from None
+
+
+def is_url(path: str) -> bool:
+    return re.match(r"^(https?|file)://", str(path)) is not None
+
+
+def download_checkpoint(url: str) -> str:
+    """The local copy of ``url`` in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), downloaded
+    once; a file name with a hash part (``name-<sha256 prefix>.pth``, as DeiT's releases) is
+    checked. Under DDP the main rank downloads while the others wait, then reuse its copy."""
+    from urllib.parse import urlparse
+
+    import torch.distributed as torch_dist
+
+    from .distributed import barrier
+
+    name = os.path.basename(urlparse(url).path)
+    if not name:
+        raise UserError(f"{url}: the URL names no file")
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    main = not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0
+    if not main:
+        barrier()
+    try:
+        if not os.path.isfile(path):
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            match = torch.hub.HASH_REGEX.search(name)
+            torch.hub.download_url_to_file(url, path, match.group(1) if match else None, progress=False)
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
+        raise UserError(f"cannot download {url}: {one_line_reason(e)}") from None
+    finally:
+        if main:
+            barrier()
+    return path
 
 
 def _probe(path: str) -> Tuple[Optional[Dict[str, Any]], str]:

@@ -31,6 +31,18 @@ from .errors import UserError
 # How AdamW runs (torch.optim.AdamW's implementations, the same update): auto picks fused where
 # torch has the fused kernel for the parameters' device and dtype (CPU and CUDA), else torch's default.
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
+LR_SCHEDULES = ("cosine_epoch", "cosine", "constant")  # engine.optim.build_schedule
+
+# data.dataset: ours (any spelling below), or one of timm's map-style datasets: torch/<name> for the
+# torchvision datasets timm's factory builds, hfds/<name> for Hugging Face datasets. timm's
+# streaming kinds cannot be sharded by the samplers in data/.
+FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist")
+IMAGEFOLDER_NAMES = ("imagefolder", "image_folder")
+TIMM_TORCH_DATASETS = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "places365",
+                       "inaturalist", "inat", "imagenet", "image_folder", "folder")
+TIMM_STREAMING_PREFIXES = ("hfids", "tfds", "wds")
+# Keys holding paths: a leading ~ is expanded as the shell would.
+PATH_KEYS = ("data.root", "train.output_dir", "train.resume", "model.init_checkpoint")
 
 
 @dataclass
@@ -40,15 +52,22 @@ class ModelConfig:
     img_size: int = 28
     patch_size: Optional[int] = None           # None: the registered model's
     in_chans: Optional[int] = None             # None: taken from the dataset
-    attn_normalizer: str = "multimax"          # softmax | multimax | sparsemax | entmax15 | evsoftmax
-    out_normalizer: str = "multimax"           # softmax | multimax
+    # None: the registered variant's (*_multimax_* → multimax, *_gap_* → softmax); train.py records
+    # the normalizers it built in the run's config.yaml
+    attn_normalizer: Optional[str] = None      # softmax | multimax | sparsemax | entmax15 | evsoftmax
+    out_normalizer: Optional[str] = None       # softmax | multimax
     modulator_order: int = 2
     modulator_init: str = "trunc_normal"       # trunc_normal | zeros
     modulator_affine: bool = False             # x -> t*x + b before sigma (authors' later variant)
     softmax_temperature: float = 1.0
     qkv_bias: bool = False                     # the paper's code has none
     attn_backend: str = "auto"                 # auto | sdpa | explicit | flex | chunked
-    drop_rate: float = 0.0
+    # Dropout as timm 1.x names it. The paper's (and DeiT's) `drop_rate` is pos_drop_rate and
+    # proj_drop_rate at one value; timm 1.x's drop_rate is the head dropout, which the paper's code lacks.
+    drop_rate: float = 0.0                     # before the classifier head
+    pos_drop_rate: float = 0.0                 # after adding the position embedding
+    proj_drop_rate: float = 0.0                # after the attention projection and in the MLP
+    attn_drop_rate: float = 0.0                # on the attention probabilities
     drop_path_rate: float = 0.1
     grad_checkpointing: bool = False
     init_checkpoint: str = ""                  # weights to start from (models.load_weights)
@@ -57,11 +76,11 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"             # fashion_mnist | imagefolder | a timm dataset name
-    root: str = ""
+    dataset: str = "fashion_mnist"             # fashion_mnist | imagefolder | torch/<name> | hfds/<name> (timm)
+    root: str = ""                             # fashion_mnist: "" = Debian's package or the user cache
     train_split: str = "train"
     val_split: str = "val"
-    download: bool = False
+    download: bool = False                     # fetch a missing dataset (fashion_mnist, torch/<name>)
     batch_size: int = 128                      # per process
     eval_batch_size: Optional[int] = None      # None: 1.5 x batch_size (DeiT)
     workers: int = 8
@@ -79,7 +98,8 @@ class DataConfig:
     reprob: float = 0.25
     remode: str = "pixel"
     recount: int = 1
-    repeated_aug: int = 3                      # 1 disables repeated augmentation
+    repeated_aug: int = 3                      # copies per image, one per process (capped at the process
+                                               # count: off on one process, as in DeiT); 1 disables it
     mixup: float = 0.8
     cutmix: float = 1.0
     cutmix_minmax: Optional[List[float]] = None
@@ -102,7 +122,8 @@ class OptimConfig:
     betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
     eps: float = 1e-8
     clip_grad: Optional[float] = None
-    sched: str = "cosine"                      # cosine | constant
+    sched: str = "cosine"                      # cosine_epoch (DeiT's: timm's cosine stepped per epoch) |
+                                               # cosine (per step) | constant (after a per-step warmup)
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
@@ -216,11 +237,39 @@ def resolve_config(cfg: Config, world_size: int) -> Dict[str, Any]:
 
 # ---------------------------------------------------------------- reading YAML
 
+class _DuplicateKey(yaml.YAMLError):
+    def __init__(self, key: Any, line: int, first_line: int):
+        super().__init__(key)
+        self.key, self.line, self.first_line = key, line, first_line
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """PyYAML's safe loader, but a key given twice in one mapping is an error (PyYAML keeps the
+    last silently, so a forgotten earlier line would win or lose without a word)."""
+
+    def construct_mapping(self, node: yaml.MappingNode, deep: bool = False) -> Dict[Any, Any]:
+        first_lines: Dict[Any, int] = {}
+        for key_node, _ in node.value:
+            if key_node.tag == "tag:yaml.org,2002:merge":  # `<<: *base` overrides on purpose
+                continue
+            key, line = self.construct_object(key_node, deep=True), key_node.start_mark.line + 1
+            try:
+                if key in first_lines:
+                    raise _DuplicateKey(key, line, first_lines[key])
+                first_lines[key] = line
+            except TypeError:  # an unhashable key: the base class reports it
+                pass
+        return super().construct_mapping(node, deep)
+
+
 def _parse_yaml(text: str, source: str) -> Dict[str, Any]:
     """The top-level mapping of a YAML document; a ``resolved`` section (derived values in a
     run directory's config.yaml) is dropped so such a file can be read back."""
     try:
-        data = yaml.safe_load(text)
+        data = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        raise UserError(f"{source}, line {e.line}: duplicate key '{e.key}' (first at line {e.first_line}); "
+                        "remove one of them") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         where = f"{source}, line {mark.line + 1}" if mark is not None else source
@@ -274,6 +323,8 @@ def _apply_overrides(cfg: Config, overrides: Iterable[str], sources: Dict[str, s
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text  # e.g. a path with an unbalanced bracket: take it verbatim
+        if text.strip().startswith("~") and key in PATH_KEYS:
+            value = text.strip()  # a home-relative path (YAML would read a bare ~ as null)
         for part in reversed(key.split(".")):
             value = {part: value}
         _merge(cfg, value, "", CLI, sources)
@@ -316,9 +367,11 @@ def _merge(node: Any, mapping: Dict[str, Any], prefix: str, source: str, sources
             _merge(current, value, dotted + ".", source, sources)
             continue
         try:
-            setattr(node, key, _convert(value, hints[key], current))
+            value = _convert(value, hints[key], current)
         except TypeError:
-            raise UserError(f"{source}: {dotted} expects {_type_name(hints[key])}, got {value!r}") from None
+            hint = " (a bare ~ is YAML's null: quote it, '~')" if dotted in PATH_KEYS and value is None else ""
+            raise UserError(f"{source}: {dotted} expects {_type_name(hints[key])}, got {value!r}{hint}") from None
+        setattr(node, key, os.path.expanduser(value) if dotted in PATH_KEYS and value else value)
         sources[dotted] = source
 
 
@@ -378,7 +431,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "data.mixup_mode": ("batch", "pair", "elem"),  # timm's Mixup modes
     "data.bad_images": ("error", "skip"),
     "optim.opt": ("adamw",),
-    "optim.sched": ("cosine", "constant"),
+    "optim.sched": LR_SCHEDULES,
     "optim.impl": ADAMW_IMPLS,
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
@@ -386,6 +439,34 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.dist_backend": ("auto", "nccl", "gloo"),
     "train.cpu_malloc": ALLOCATOR_MODES,
 }
+
+_OPTIONAL_CHOICES = ("model.attn_normalizer", "model.out_normalizer")  # None: the model variant's
+
+
+def dataset_name_problem(name: str) -> Optional[str]:
+    """What is wrong with ``data.dataset = name`` (completing "data.dataset = 'name' ..."), or None.
+    Prefixes are case-insensitive, as in timm's factory."""
+    prefix, slash, rest = name.partition("/")
+    prefix = prefix.lower()
+    if not slash and name.lower() in FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES:
+        return None
+    if slash and prefix == "torch" and rest.lower() in TIMM_TORCH_DATASETS:
+        return None
+    if slash and prefix == "hfds" and rest:
+        return None
+    if slash and prefix in TIMM_STREAMING_PREFIXES:
+        return (f"is a streaming (iterable) dataset, which the samplers here cannot shard; use an ImageFolder "
+                "copy (imagefolder) or a map-style dataset (torch/<name>, hfds/<name>)")
+    known = [*FASHION_MNIST_NAMES[:1], *IMAGEFOLDER_NAMES[:1], *(f"torch/{n}" for n in TIMM_TORCH_DATASETS)]
+    if slash and prefix == "torch":
+        close = difflib.get_close_matches(f"torch/{rest.lower()}", known, n=1)
+        hint = f"; did you mean '{close[0]}'?" if close else ""
+        return f"is not a torchvision dataset timm can build (torch/{' | torch/'.join(TIMM_TORCH_DATASETS)}){hint}"
+    close = [f"torch/{name.lower()}"] if name.lower() in TIMM_TORCH_DATASETS else \
+        difflib.get_close_matches(name.lower(), known, n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"is not a known dataset (fashion_mnist | imagefolder | torch/<name> | hfds/<name>){hint}"
+
 
 Rule = Tuple[str, Callable[[Any], bool]]
 _POSITIVE: Rule = ("> 0", lambda v: v > 0)
@@ -405,7 +486,8 @@ _RANGES: Dict[str, Rule] = {
     **dict.fromkeys(["data.workers", "data.color_jitter", "data.mixup", "data.cutmix", "optim.weight_decay",
                      "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "train.keep_top_k"],
                     _NON_NEGATIVE),
-    **dict.fromkeys(["model.drop_rate", "model.drop_path_rate", "data.hflip", "data.reprob",
+    **dict.fromkeys(["model.drop_rate", "model.pos_drop_rate", "model.proj_drop_rate", "model.attn_drop_rate",
+                     "model.drop_path_rate", "data.hflip", "data.reprob",
                      "data.mixup_prob", "data.mixup_switch_prob"], _PROBABILITY),
     "data.crop_pct": ("in (0, 1]", lambda v: 0 < v <= 1),
     "data.smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
@@ -431,13 +513,16 @@ def validate(cfg: Config, sources: Optional[Dict[str, str]] = None) -> None:
             else f" (set in {source})"
 
     for key, choices in _CHOICES.items():
-        if flat[key] not in choices:
+        if flat[key] not in choices and not (key in _OPTIONAL_CHOICES and flat[key] is None):
             close = difflib.get_close_matches(str(flat[key]), choices, n=1)
             hint = f"; did you mean '{close[0]}'?" if close else ""
             raise UserError(f"{key} = {flat[key]!r} is not one of {' | '.join(choices)}{hint}{where(key)}")
     for key, (allowed, ok) in _RANGES.items():
         if flat[key] is not None and not ok(flat[key]):
             raise UserError(f"{key} = {flat[key]!r} is out of range: must be {allowed}{where(key)}")
+    problem = dataset_name_problem(cfg.data.dataset)
+    if problem:
+        raise UserError(f"data.dataset = {cfg.data.dataset!r} {problem}{where('data.dataset')}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
         raise UserError(f"data.mean and data.std need one value per channel each, got {cfg.data.mean} "
                         f"and {cfg.data.std}{where('data.std')}")

@@ -1,22 +1,31 @@
-"""Model construction from the config, and the EMA copy of the weights."""
+"""Model construction from the config (ours or any timm model, optionally started from a checkpoint),
+and the EMA copy of the weights."""
 from __future__ import annotations
 
 import copy
-from typing import Any, Dict, Optional, Union
+import dataclasses
+import difflib
+import re
+from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
+from timm.models import get_arch_name, model_entrypoint
 
 import models
-from models.weights import CheckpointMismatchError
+from models.vision_transformer import MultiMaxVisionTransformer
+from models.weights import CheckpointMismatchError, LoadResult, one_line_reason
 
+from .checkpoint import download_checkpoint, is_url, load_checkpoint
 from .config import ModelConfig
 from .errors import UserError
+from .logger import console
 
 
 def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optional[int]) -> Dict[str, Any]:
-    """timm.create_model kwargs for ``cfg``; dataset-derived values fill what the config leaves None."""
+    """timm.create_model kwargs for ``cfg``; dataset-derived values fill what the config leaves None,
+    and a None the registered model fills (the normalizers of its ``*_multimax_*``/``*_gap_*`` variant)."""
     kwargs: Dict[str, Any] = dict(
         num_classes=cfg.num_classes if cfg.num_classes is not None else num_classes,
         img_size=cfg.img_size,
@@ -30,6 +39,9 @@ def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optiona
         qkv_bias=cfg.qkv_bias,
         attn_backend=cfg.attn_backend,
         drop_rate=cfg.drop_rate,
+        pos_drop_rate=cfg.pos_drop_rate,
+        proj_drop_rate=cfg.proj_drop_rate,
+        attn_drop_rate=cfg.attn_drop_rate,
         drop_path_rate=cfg.drop_path_rate,
         grad_checkpointing=cfg.grad_checkpointing,
     )
@@ -39,22 +51,126 @@ def model_kwargs(cfg: ModelConfig, num_classes: Optional[int], in_chans: Optiona
     return {k: v for k, v in kwargs.items() if v is not None}
 
 
+def built_model_config(cfg: ModelConfig, model: nn.Module) -> ModelConfig:
+    """``cfg`` with the normalizers ``model`` was built with, so that a run records what it trains
+    (not a None that means "the variant's")."""
+    return dataclasses.replace(cfg, attn_normalizer=getattr(model, "attn_normalizer", cfg.attn_normalizer),
+                               out_normalizer=getattr(model, "out_normalizer", cfg.out_normalizer))
+
+
+# Knobs of our registered models; another timm model gets one only when model.kwargs names it,
+# since its own defaults (e.g. DeiT's qkv_bias=True) describe its weights.
+_OURS_ONLY = ("attn_normalizer", "out_normalizer", "modulator_order", "modulator_init", "modulator_affine",
+              "softmax_temperature", "attn_backend", "grad_checkpointing", "qkv_bias")
+# Generic knobs that not every timm model takes (qkv_bias: eval.py reads it off a ViT checkpoint's
+# weights): the entrypoint hides the class behind **kwargs, so a refusal shows only when the
+# model is built, and such a knob is then left out.
+_IF_ACCEPTED = ("img_size", "drop_rate", "pos_drop_rate", "proj_drop_rate", "attn_drop_rate", "drop_path_rate",
+                "qkv_bias")
+_UNEXPECTED = re.compile(r"unexpected keyword argument '(\w+)'")
+
+
+def is_multimax_model(name: str) -> bool:
+    """True for the models this repository registers (models/vision_transformer.py), which take
+    the MultiMax knobs; False for timm's own and unknown names."""
+    arch = get_arch_name(name)
+    return timm.is_model(arch) and model_entrypoint(arch).__module__ == MultiMaxVisionTransformer.__module__
+
+
 def build_model(cfg: ModelConfig, num_classes: Optional[int] = None, in_chans: Optional[int] = None) -> nn.Module:
-    """The model named in ``cfg`` (a registered MultiMax/GAP ViT), optionally initialised from
-    ``cfg.init_checkpoint``."""
-    if cfg.name not in timm.list_models(cfg.name):
-        known = ", ".join(n for n in timm.list_models() if "_multimax_" in n or "_gap_patch" in n)
-        raise UserError(f"model.name: unknown model {cfg.name!r}; registered MultiMax/GAP models: {known}")
-    try:
-        model = timm.create_model(cfg.name, **model_kwargs(cfg, num_classes, in_chans))
-    except (TypeError, ValueError) as e:
-        raise UserError(f"model: cannot build {cfg.name!r}: {e}") from None
+    """The model named in ``cfg``, optionally initialised from ``cfg.init_checkpoint``: one of
+    ours with every knob, or any other timm model (``timm.list_models()``, tags included) in its
+    own architecture with the generic arguments it accepts (classes, channels, image and patch
+    size, dropout rates, ``model.kwargs``)."""
+    if not timm.is_model(get_arch_name(cfg.name)):
+        close = difflib.get_close_matches(cfg.name, timm.list_models(), n=1)
+        hint = f"; did you mean {close[0]!r}?" if close else " (timm.list_models() lists the known names)"
+        raise UserError(f"model.name: unknown model {cfg.name!r}{hint}")
+    ours = is_multimax_model(cfg.name)
+    kwargs = model_kwargs(cfg, num_classes, in_chans)
+    if not ours:
+        kwargs = {k: v for k, v in kwargs.items() if k not in _OURS_ONLY or k in cfg.kwargs}
+    model = _create(cfg.name, kwargs, optional=() if ours else _IF_ACCEPTED)
+    if cfg.grad_checkpointing and not ours:
+        model.set_grad_checkpointing(True)
     if cfg.init_checkpoint:
-        try:
-            models.load_weights(model, cfg.init_checkpoint)
-        except (FileNotFoundError, CheckpointMismatchError) as e:
-            raise UserError(f"model.init_checkpoint: {cfg.init_checkpoint}: {e}") from None
+        init_from_checkpoint(model, cfg.init_checkpoint)
     return model
+
+
+def _create(name: str, kwargs: Dict[str, Any], optional: Tuple[str, ...]) -> nn.Module:
+    """``timm.create_model(name, **kwargs)``, leaving out the ``optional`` kwargs the model refuses."""
+    kwargs = dict(kwargs)
+    while True:
+        try:
+            return timm.create_model(name, **kwargs)
+        except TypeError as e:
+            refused = _UNEXPECTED.search(str(e))
+            if refused and refused.group(1) in optional and refused.group(1) in kwargs:
+                del kwargs[refused.group(1)]
+                continue
+            raise UserError(f"model: cannot build {name!r}: {one_line_reason(e)}") from None
+        except (ValueError, AssertionError, RuntimeError) as e:
+            raise UserError(f"model: cannot build {name!r}: {one_line_reason(e)}") from None
+
+
+def build_pretrained(name: str, state_dict: Optional[Dict[str, torch.Tensor]] = None,
+                     num_classes: Optional[int] = None, **kwargs: Any) -> nn.Module:
+    """timm's ``name`` with its pretrained weights, loaded by timm's own loader (its checkpoint
+    filter, e.g. DeiT's release format, and its strict check): from timm's source for the name
+    (the Hugging Face hub cache, downloaded if missing; ``local-dir:``/``hf-hub:`` folders), or
+    ``state_dict``, a local copy of them whose head has ``num_classes`` rows (timm would
+    re-initialise a head of another size than its config's). ``kwargs`` left None are not passed."""
+    kwargs = {k: v for k, v in kwargs.items() if v is not None}
+    overlay = None
+    if state_dict is not None:
+        overlay = {"state_dict": state_dict, **({"num_classes": num_classes} if num_classes else {})}
+    where = "its local copy" if state_dict is not None else "timm's source"
+    if not (name.startswith(("local-dir:", "hf-hub:")) or timm.is_model(get_arch_name(name))):
+        raise UserError(f"--model: unknown timm model {name!r}")
+    try:
+        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+    except RuntimeError as e:
+        keys = _state_dict_keys(str(e))
+        reason = "; ".join(f"{kind} keys {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}"
+                           for kind, found in keys.items() if found) or one_line_reason(e)
+        raise UserError(f"cannot load pretrained weights for {name} from {where}: {reason}") from None
+    except (OSError, ValueError, AssertionError, ImportError, TypeError) as e:  # no network / cache, bad folder
+        raise UserError(f"cannot load pretrained weights for {name} from {where}: {one_line_reason(e)} "
+                        "(offline? --pretrained-file PATH takes a local copy)") from None
+
+
+def _state_dict_keys(message: str) -> Dict[str, list]:
+    """The key names in torch's load_state_dict error text, by kind (missing, unexpected, mis-shaped)."""
+    out: Dict[str, list] = {"missing": [], "unexpected": [], "mis-shaped": []}
+    for line in message.splitlines():
+        if "Missing key(s)" in line:
+            out["missing"] += re.findall(r'"([^"]+)"', line)
+        elif "Unexpected key(s)" in line:
+            out["unexpected"] += re.findall(r'"([^"]+)"', line)
+        elif "size mismatch for" in line:
+            out["mis-shaped"] += re.findall(r"size mismatch for ([\w.]+)", line)
+    return out
+
+
+def init_from_checkpoint(model: nn.Module, path: str) -> LoadResult:
+    """Load ``model.init_checkpoint`` (a file or an http(s) URL, cached) as a fine-tuning start:
+    class/distillation tokens dropped, the position grid resampled, a head of another shape and
+    missing modulators left at init; the main process prints what was changed."""
+    where = f"model.init_checkpoint: {path}"
+    try:
+        ckpt = load_checkpoint(download_checkpoint(path) if is_url(path) else path)
+    except UserError as e:
+        raise UserError(f"model.init_checkpoint: {e}") from None
+    try:
+        result = models.load_weights(model, ckpt)
+    except CheckpointMismatchError as e:
+        raise UserError(f"{where}: {e}") from None
+    changes = result.describe()
+    main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
+        torch.distributed.get_rank() == 0
+    console(f"{where}: loaded ({result.source} format){'; ' + changes if changes else ', every key as it is'}", main)
+    return result
 
 
 class EMA:

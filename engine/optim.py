@@ -1,4 +1,5 @@
-"""AdamW with DeiT's parameter groups, and the learning rate as a pure function of the step.
+"""AdamW with DeiT's parameter groups, and the learning rate as a pure function of the step
+(DeiT's per-epoch cosine, or a per-step cosine; ``optim.sched``).
 
 Weight decay applies to matrices and convolution kernels only: every 1-D parameter (biases,
 LayerNorm scales, every SegLU ``ranges``/``ts``) and the names the model lists in
@@ -13,7 +14,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import Dict, List
+from typing import Dict, List, Union
 
 import torch
 import torch.nn as nn
@@ -104,9 +105,9 @@ def describe_groups(optimizer: torch.optim.Optimizer) -> Dict[str, Dict]:
 
 @dataclass(frozen=True)
 class LRSchedule:
-    """Per-step linear warmup from ``warmup_lr`` to ``base_lr``, then cosine to ``min_lr`` at
-    ``total_steps`` (or constant). A pure function of the global optimizer step, so a resumed
-    run sees exactly the learning rates of an uninterrupted one."""
+    """``optim.sched`` = cosine | constant: per-step linear warmup from ``warmup_lr`` to ``base_lr``,
+    then cosine to ``min_lr`` at ``total_steps`` (or constant). A pure function of the global
+    optimizer step, so a resumed run sees exactly the learning rates of an uninterrupted one."""
 
     base_lr: float
     total_steps: int
@@ -125,7 +126,44 @@ class LRSchedule:
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-def build_schedule(cfg: OptimConfig, base_lr: float, epochs: int, steps_per_epoch: int) -> LRSchedule:
+@dataclass(frozen=True)
+class EpochCosineSchedule:
+    """``optim.sched`` = cosine_epoch, DeiT's schedule: timm's ``CosineLRScheduler`` as DeiT's
+    main.py builds it (timm's ``create_scheduler``: ``t_initial`` = epochs, ``warmup_t`` = warmup
+    epochs, no warmup prefix, so the cosine spans all epochs, warmup included; one cycle; no noise;
+    the cooldown epochs the factory adds are never run, DeiT trains ``epochs``) and steps it
+    once per epoch, after the epoch. Epoch 0 trains at the lr the scheduler sets when built
+    (``warmup_lr``), epoch e >= 1 at its value for e - 1, so epochs 0 and 1 both train at
+    ``warmup_lr``. (DeiT's own resume steps it to the resumed epoch instead, one epoch ahead; here a
+    resumed run keeps the uninterrupted run's lr.) A pure function of the optimizer step: the
+    epoch is ``step // steps_per_epoch``."""
+
+    base_lr: float
+    epochs: int
+    steps_per_epoch: int
+    warmup_epochs: float
+    warmup_lr: float
+    min_lr: float
+
+    def at_epoch(self, epoch: int) -> float:
+        """The lr epoch ``epoch`` trains at (timm's formula, evaluated in its order)."""
+        t = max(epoch - 1, 0)
+        if t < self.warmup_epochs:
+            return self.warmup_lr + t * ((self.base_lr - self.warmup_lr) / self.warmup_epochs)
+        if t >= self.epochs:  # past the single cycle
+            return self.min_lr
+        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.epochs))
+
+    def __call__(self, step: int) -> float:
+        return self.at_epoch(step // self.steps_per_epoch)
+
+
+def build_schedule(cfg: OptimConfig, base_lr: float, epochs: int,
+                   steps_per_epoch: int) -> Union[LRSchedule, EpochCosineSchedule]:
+    """The lr as a function of the optimizer step for ``optim.sched``, peaking at ``base_lr``."""
+    if cfg.sched == "cosine_epoch":
+        return EpochCosineSchedule(base_lr=base_lr, epochs=epochs, steps_per_epoch=steps_per_epoch,
+                                   warmup_epochs=cfg.warmup_epochs, warmup_lr=cfg.warmup_lr, min_lr=cfg.min_lr)
     return LRSchedule(
         base_lr=base_lr,
         total_steps=epochs * steps_per_epoch,

@@ -229,21 +229,50 @@ def simplex_figure(series: Sequence[SimplexSeries], input_labels: Sequence[str],
     return fig
 
 
+def figure_formats() -> List[str]:
+    """File extensions matplotlib's Agg canvas writes (png, pdf, svg, jpg, ...)."""
+    return sorted(FigureCanvasAgg.get_supported_filetypes())
+
+
+MAX_DPI = 1200  # the 11 x 5.2-inch simplex figure at 1200 dpi is 13,200 x 6,240 pixels (330 MB as RGBA)
+
+
+def check_figure_output(out: str, dpi: float) -> None:
+    """Refuse an ``--out`` matplotlib cannot write, or a ``--dpi`` outside (0, MAX_DPI], before
+    any work is done."""
+    ext = os.path.splitext(out)[1][1:].lower()
+    if ext not in figure_formats():
+        raise UserError(f"--out {out}: {'no file extension' if not ext else f'unsupported format .{ext}'}; "
+                        f"use one of {', '.join('.' + f for f in figure_formats())}")
+    if not 0 < dpi <= MAX_DPI:  # NaN fails too
+        raise UserError(f"--dpi must be a number in (0, {MAX_DPI}], got {dpi:g}")
+
+
+def check_finite(flag: str, values: Optional[Sequence[float]]) -> None:
+    """Refuse NaN/inf in a numeric command-line option (they would draw empty or broken curves)."""
+    if values is not None and not all(math.isfinite(v) for v in values):
+        raise UserError(f"{flag} must be finite numbers, got {' '.join(f'{v:g}' for v in values)}")
+
+
 def save_figure(fig: Figure, out: str, pdf: bool = False, dpi: int = 150) -> List[str]:
-    """Write ``fig`` to ``out`` (PNG) and, with ``pdf``, next to it as .pdf; returns the paths."""
-    os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
-    paths = [out] + ([os.path.splitext(out)[0] + ".pdf"] if pdf else [])
+    """Write ``fig`` to ``out`` (its extension picks the format) and, with ``pdf``, next to it as
+    .pdf; returns the paths. Bad paths, formats or sizes are one-line UserErrors."""
+    check_figure_output(out, dpi)
+    paths = list(dict.fromkeys([out] + ([os.path.splitext(out)[0] + ".pdf"] if pdf else [])))
     for path in paths:
         try:
+            os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
             fig.savefig(path, dpi=dpi)
         except OSError as e:
             raise UserError(f"cannot write figure {path}: {e.strerror or e}") from None
+        except (ValueError, MemoryError) as e:  # e.g. an image larger than Agg allows or memory holds
+            raise UserError(f"cannot write figure {path}: {' '.join(str(e).split()) or type(e).__name__}") from None
     return paths
 
 
 __all__ = ["ModulatorParams", "modulators_from_state_dict", "model_curves", "modulator_curve", "short_name", "modulator_figure",
            "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
-           "save_figure"]
+           "figure_formats", "check_figure_output", "check_finite", "save_figure"]
 
 
 def figure_script_main(script: str, parse_args, run, argv=None) -> int:

@@ -9,7 +9,7 @@ import random
 import socket
 import time
 from dataclasses import dataclass, field
-from typing import Any, Dict, Optional, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -76,11 +76,13 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
 
 def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, state: TrainState,
                    best: Dict[str, Any], epoch_step: int = 0,
-                   epoch_sums: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
+                   epoch_sums: Optional[Dict[str, float]] = None,
+                   classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
     """The checkpoint dict (format in engine/checkpoint.py). ``epoch`` is the last completed epoch;
     ``epoch_step`` > 0 marks a mid-epoch checkpoint (written when a stop signal arrived) holding
     that many optimizer steps of epoch ``epoch + 1``, with their ``epoch_sums`` so that the resumed
-    epoch's log row averages over all its steps. Collective (gathers every rank's RNG state): call
+    epoch's log row averages over all its steps. ``classes``: the training set's class names by
+    label (eval.py checks a split against them). Collective (gathers every rank's RNG state): call
     it on every rank."""
     return {
         "model": model.state_dict(),
@@ -95,6 +97,7 @@ def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, st
         "best": dict(best),
         "rng": gather_rng_states(),
         "config": dump_config(cfg),
+        "classes": list(classes) if classes is not None else None,
         "format_version": FORMAT_VERSION,
     }
 

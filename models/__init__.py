@@ -1,15 +1,18 @@
 """MultiMax models. Importing this package registers the models with timm."""
-from .attention import AttentionRecord, MultiMaxAttention, record_attention
+from .attention import MultiMaxAttention
 from .multimax import (
     NORMALIZERS, SegLU, build_normalizer, entmax15, evsoftmax, modulators, multimax, seglu,
     softmax, sparsemax,
 )
+from .recording import AttentionRecord, attention_layers, record_attention
 from .vision_transformer import MultiMaxVisionTransformer
-from .weights import CheckpointMismatchError, LoadResult, infer_model_kwargs, load_weights, read_checkpoint
+from .weights import (
+    CheckpointMismatchError, CheckpointReadError, LoadResult, infer_model_kwargs, load_weights, read_checkpoint,
+)
 
 __all__ = [
-    "AttentionRecord", "MultiMaxAttention", "record_attention", "NORMALIZERS", "SegLU",
+    "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "NORMALIZERS", "SegLU",
     "build_normalizer", "entmax15", "evsoftmax", "modulators", "multimax", "seglu", "softmax",
-    "sparsemax", "MultiMaxVisionTransformer", "CheckpointMismatchError", "LoadResult",
+    "sparsemax", "MultiMaxVisionTransformer", "CheckpointMismatchError", "CheckpointReadError", "LoadResult",
     "infer_model_kwargs", "load_weights", "read_checkpoint",
 ]

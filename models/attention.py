@@ -16,39 +16,40 @@ Backends (``backend=``):
   multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
 - ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
   multimax/softmax, no attention dropout.
-- ``auto``: sdpa for softmax; for multimax flex on CUDA when flex is usable (Triton present,
-  no mask, no attention dropout while training), explicit otherwise.
+- ``auto``: sdpa for softmax; for multimax on CUDA flex where flex is usable (Triton present,
+  no mask, no attention dropout while training) and, when gradients are on, only where its
+  backward is proven (``attention_kernels.FLEX_TRAINING_PROVEN``); explicit otherwise, which
+  ``train.compile`` compiles.
 
-Attention probabilities are never kept on the module. Analysis asks for them with
-``record_attention(model)``, which collects them per layer for the forwards inside its block.
+The choice depends only on the module's configuration, the device of its weights, grad mode
+and recording, never on a traced value, so torch.compile guards on it and FX can trace the
+model (the kernels are FX leaf functions; the normalizers and SegLU leaf modules for timm's
+FX feature extraction). TorchScript is not supported.
+
+``fused_attn`` (timm's switch, default True) set to False takes the explicit path with the
+probabilities materialised and passed through ``attn_drop``: ``models.recording`` reads them there.
 """
 from __future__ import annotations
 
-import contextlib
-from dataclasses import dataclass, field
-from typing import Dict, Iterator, List, Optional, Type
+from typing import Optional, Type
 
 import torch
+import torch.fx
 import torch.nn as nn
 import torch.nn.functional as F
 
 from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
-    modulated_attention, modulated_softmax,
+    flex_training_proven, modulated_attention, modulated_softmax,
 )
 from .multimax import NORMALIZERS, build_normalizer
 
 ATTN_BACKENDS = ("auto", "sdpa", "explicit", "flex", "chunked")
 
-
-@dataclass
-class AttentionRecord:
-    """What ``record_attention`` collected: per attention layer (module name), a list with one
-    entry per forward of probabilities (B, H, N, N) and, if asked, the pre-normalizer scaled
-    scores (B, H, N, N)."""
-
-    probs: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
-    scores: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
+# FX traces a call to these as one node: they branch on their inputs (grad, device, shapes, masks)
+for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "flex_attention_with",
+              "_additive_mask"):
+    torch.fx.wrap(_leaf)
 
 
 class MultiMaxAttention(nn.Module):
@@ -103,9 +104,7 @@ class MultiMaxAttention(nn.Module):
         self.norm = norm_layer(dim, **dd) if scale_norm else nn.Identity()
         self.proj = nn.Linear(dim, dim, bias=proj_bias, **dd)
         self.proj_drop = nn.Dropout(proj_drop)
-        self._record: Optional[AttentionRecord] = None  # set only inside record_attention()
-        self._record_scores = False
-        self._record_name = ""
+        self.fused_attn = True  # False: the explicit path with materialised probabilities (recording)
 
     def forward(
         self, x: torch.Tensor, attn_mask: Optional[torch.Tensor] = None, is_causal: bool = False
@@ -114,7 +113,8 @@ class MultiMaxAttention(nn.Module):
         qkv = self.qkv(x).reshape(B, N, 3, self.num_heads, self.head_dim).permute(2, 0, 3, 1, 4)
         q, k, v = qkv.unbind(0)
         q, k = self.q_norm(q), self.k_norm(k)
-        path = self.kernel(q.device, masked=attn_mask is not None or is_causal)
+        # `is not False`: under FX, is_causal is a traced input (timm passes its forward's through)
+        path = self.kernel(self._weight_device(), masked=attn_mask is not None or is_causal is not False)
         if path == "sdpa":
             out = F.scaled_dot_product_attention(
                 q, k, v,
@@ -136,11 +136,11 @@ class MultiMaxAttention(nn.Module):
         return self.proj_drop(self.proj(self.norm(out)))
 
     def kernel(self, device: torch.device, masked: bool = False) -> str:
-        """The kernel a forward on ``device`` uses: sdpa | explicit | flex | chunked.
+        """The kernel a forward on ``device`` uses now: sdpa | explicit | flex | chunked.
 
-        Depends only on static facts (module config, device, training mode, recording), so
-        torch.compile guards on it instead of breaking the graph."""
-        if self._record is not None:
+        Depends only on static facts (module config, device, training mode, grad mode,
+        ``fused_attn``), so torch.compile guards on it instead of breaking the graph."""
+        if not self.fused_attn:
             return "explicit"
         if self.backend != "auto":
             return self.backend
@@ -148,15 +148,21 @@ class MultiMaxAttention(nn.Module):
         if name == "softmax":
             return "sdpa"
         dropout = self.training and self.attn_drop.p > 0
-        if name == "multimax" and device.type == "cuda" and not masked and not dropout and flex_available(device):
+        if (name == "multimax" and device.type == "cuda" and not masked and not dropout and flex_available(device)
+                and (not torch.is_grad_enabled() or flex_training_proven())):
             return "flex"
         return "explicit"
+
+    def _weight_device(self) -> torch.device:
+        """The device of the layer's weights: a plain value even under FX tracing (the input's
+        ``.device`` would be a traced value there; ``parameters()`` yields the tensors themselves)."""
+        return next(self.qkv.parameters()).device
 
     def _explicit(
         self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, bias: Optional[torch.Tensor]
     ) -> torch.Tensor:
         dropout = self.training and self.attn_drop.p > 0
-        if self.normalizer.name == "multimax" and self._record is None and not dropout:
+        if self.normalizer.name == "multimax" and self.fused_attn and not dropout:
             # the whole attention as one Function (hand-written backward); inference: cache-sized blocks on CPU
             return modulated_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
         scores = (q * self.scale) @ k.transpose(-2, -1)
@@ -164,10 +170,6 @@ class MultiMaxAttention(nn.Module):
             probs = modulated_softmax(scores, ScoreModulation.of(self.normalizer), bias)
         else:
             probs = self.normalizer(scores, bias)
-        if self._record is not None:
-            self._record.probs.setdefault(self._record_name, []).append(probs.detach())
-            if self._record_scores:
-                self._record.scores.setdefault(self._record_name, []).append(scores.detach())
         return self.attn_drop(probs).to(v.dtype) @ v
 
 
@@ -185,22 +187,4 @@ def _additive_mask(
     return attn_mask.float()
 
 
-@contextlib.contextmanager
-def record_attention(model: nn.Module, scores: bool = False) -> Iterator[AttentionRecord]:
-    """Collect attention probabilities (and optionally the scaled scores) of every
-    ``MultiMaxAttention`` in ``model`` for the forwards run inside the block.
-
-    Recording forces the explicit path (the other kernels never materialise the probabilities).
-    """
-    record = AttentionRecord()
-    layers = [(n, m) for n, m in model.named_modules() if isinstance(m, MultiMaxAttention)]
-    for name, layer in layers:
-        layer._record, layer._record_scores, layer._record_name = record, scores, name
-    try:
-        yield record
-    finally:
-        for _, layer in layers:
-            layer._record, layer._record_scores = None, False
-
-
-__all__ = ["MultiMaxAttention", "AttentionRecord", "record_attention", "ATTN_BACKENDS", "NORMALIZERS"]
+__all__ = ["MultiMaxAttention", "ATTN_BACKENDS", "NORMALIZERS"]

@@ -14,10 +14,13 @@ softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D).
   probabilities themselves (attention dropout, recording).
 - ``chunked_attention``: memory-efficient on every device. Walks over query chunks, keeps only
   q, k, v and the per-row logsumexp of φ(scores), and recomputes each chunk's scores in the
-  backward pass. Peak memory grows with chunk × N instead of N × N. No attention dropout.
-- ``flex_attention_with``: ``torch.nn.attention.flex_attention`` with ``score_mod`` = φ and the
-  learnable ``ranges`` / ``ts`` captured, compiled once per process. Forward and backward on
-  CUDA; forward only on CPU (this torch has no flex backward on CPU). No dropout, no masks.
+  backward pass. Peak memory grows with chunk × N instead of N × N; the chunk is sized by a
+  memory budget per device (``chunk_rows``). No attention dropout.
+- ``flex_attention_with``: ``torch.nn.attention.flex_attention`` with ``score_mod`` = φ
+  (``flex_score_mod``: the learnable scalars captured as separate 0-d tensors), compiled once
+  per process. Forward and backward on CUDA; forward only on CPU (this torch has no flex
+  backward on CPU). No dropout, no masks. ``auto`` trains with it only where its backward is
+  proven (``FLEX_TRAINING_PROVEN``).
 
 φ and the softmax run in float32 (float64 stays float64, for gradcheck), as in
 ``models.multimax``.
@@ -25,8 +28,7 @@ softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D).
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
-from typing import Callable, List, Optional, Tuple
+from typing import Callable, List, NamedTuple, Optional, Tuple
 
 import torch
 import torch.nn as nn
@@ -39,9 +41,6 @@ try:
 except ImportError:  # torch without flex attention
     _FLEX_IMPORTABLE = False
 
-# Elements of one chunk's (B, H, rows, N) score block in the chunked path (2 MiB in float32):
-# its peak memory is a few such blocks, whatever B, H and N are.
-CHUNK_ELEMENTS = 2 ** 19
 FUSED_NORMALIZERS = ("multimax", "softmax")
 
 Params = Tuple[torch.Tensor, ...]
@@ -49,14 +48,14 @@ Params = Tuple[torch.Tensor, ...]
 
 # ----------------------------------------------------------------------------- φ and its gradient
 
-@dataclass(frozen=True)
-class ScoreModulation:
+class ScoreModulation(NamedTuple):
     """What a normalizer does to the scaled scores before its softmax.
 
     ``params``: () for softmax (φ = identity), (ranges, ts) for MultiMax, (ranges, ts, scale,
     shift) for the affine variant (φ(x) = σ(scale·x + shift)). ``scale_factor`` multiplies the
     attention scale and divides an additive mask (1/temperature for softmax), matching
-    softmax((s + mask) / T) of the normalizer.
+    softmax((s + mask) / T) of the normalizer. (A NamedTuple, so that FX can pass it to the
+    kernels, which it traces as leaf functions.)
     """
 
     params: Params
@@ -111,7 +110,7 @@ def modulate_backward(s: torch.Tensor, grad: torch.Tensor, params: Params) -> Tu
     u = s * params[2] + params[3] if len(params) == 4 else s
     du = grad.clone()  # updated in place: fewer (B, H, N, N) temporaries alive at once
     d_ranges, d_ts = [], []
-    for n in range(ranges.shape[0] // 2):
+    for n in range(len(ranges) // 2):
         sums = _order_backward(u, grad, du, ranges[2 * n], ranges[2 * n + 1], ts[2 * n], ts[2 * n + 1], n + 1)
         d_ranges += sums[:2]
         d_ts += sums[2:]
@@ -227,22 +226,26 @@ class _ModulatedAttention(torch.autograd.Function):
 
     Saves the raw scores, the float32 probabilities and ``out``, besides q, k and v. The
     scale is applied inside φ's pass (forward) and dL/ds's pass (backward), not as separate
-    products with q and dq. The softmax backward's row sums Σⱼ pᵢⱼ·dpᵢⱼ are taken as
-    dOᵢ·outᵢ (flash attention's identity), over D columns instead of N, so the backward reads
-    the (N, N) tensors in one sweep. The products run in autocast's dtype when it is on (as
-    autograd would run them), φ and the softmax in float32.
+    products with q and dq; in float16 (largest value 65504) q is scaled before q·kᵀ instead,
+    as timm does, so that the unscaled product cannot overflow. The softmax backward's row sums
+    Σⱼ pᵢⱼ·dpᵢⱼ are taken as dOᵢ·outᵢ (flash attention's identity), over D columns instead of N,
+    so the backward reads the (N, N) tensors in one sweep. The products run in autocast's dtype
+    when it is on (as autograd would run them), φ and the softmax in float32.
     """
 
     @staticmethod
     def forward(ctx, q, k, v, bias, scale: float, *params):
         mm, mv = _matmul_dtype(q, k), _matmul_dtype(v, v)
+        q_scale = _query_scale(mm, scale)
         with torch.autocast(q.device.type, enabled=False):
             qm, km, vm = q.to(mm), k.to(mm), v.to(mv)
+            if q_scale != 1.0:
+                qm = qm * q_scale
             s = qm @ km.transpose(-2, -1)
-            p = _modulated_probs(s, bias, params, scale)
+            p = _modulated_probs(s, bias, params, scale / q_scale)
             out = p.to(mv) @ vm
         ctx.save_for_backward(qm, km, vm, s, p, out, *params)
-        ctx.scale, ctx.dtypes = scale, (q.dtype, k.dtype, v.dtype)
+        ctx.q_scale, ctx.s_scale, ctx.dtypes = q_scale, scale / q_scale, (q.dtype, k.dtype, v.dtype)
         ctx.bias_shape = None if bias is None else bias.shape
         return out
 
@@ -254,13 +257,24 @@ class _ModulatedAttention(torch.autograd.Function):
         dp = _f32(dout @ vm.transpose(-2, -1))
         rows = (_f32(dout) * _f32(out)).sum(-1, keepdim=True)  # = Σⱼ pᵢⱼ·dpᵢⱼ
         dy = p * (dp - rows)  # through the softmax
-        ds, grads = modulate_backward(_f32(s) * ctx.scale, dy, _params32(params))
-        ds = (ds * ctx.scale).to(qm.dtype)
-        dq, dk = ds @ km, ds.transpose(-2, -1) @ qm
+        u = _f32(s) if ctx.s_scale == 1.0 else _f32(s) * ctx.s_scale
+        ds, grads = modulate_backward(u, dy, _params32(params))
+        if ctx.s_scale != 1.0:
+            ds = ds * ctx.s_scale
+        ds = ds.to(qm.dtype)
+        dq, dk = ds @ km, ds.transpose(-2, -1) @ qm  # qm carries q's scale when it was applied first
+        if ctx.q_scale != 1.0:
+            dq = dq * ctx.q_scale
         dv = p.to(vm.dtype).transpose(-2, -1) @ dout
         dbias = dy.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[3] else None
         dq, dk, dv = (g.to(dtype) for g, dtype in zip((dq, dk, dv), ctx.dtypes))
         return (dq, dk, dv, dbias, None, *_param_grads(grads, params))
+
+
+def _query_scale(matmul_dtype: torch.dtype, scale: float) -> float:
+    """The factor q is multiplied by before q·kᵀ: the attention scale in float16, whose range the
+    unscaled product can exceed; 1 otherwise (the scale is then folded into φ's pass)."""
+    return scale if matmul_dtype == torch.float16 else 1.0
 
 
 def modulated_attention(
@@ -308,6 +322,9 @@ def _heads_per_block(q: torch.Tensor, k: torch.Tensor) -> Optional[int]:
 
 def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
     """The products under the caller's autocast, as in the gradient path; φ + softmax in float32."""
+    q_scale = _query_scale(_matmul_dtype(q, k), scale)
+    if q_scale != 1.0:
+        q, scale = q * q_scale, scale / q_scale
     qk = q @ k.transpose(-2, -1)
     with torch.autocast(v.device.type, enabled=False):
         probs = _modulated_probs(qk, bias, params, scale).to(qk.dtype)
@@ -315,6 +332,38 @@ def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params
 
 
 # ----------------------------------------------------------------------------- chunked path
+
+# Memory budget of one chunk's float32 (B, H, rows, N) score block; a chunk keeps a few such blocks
+# alive. CUDA: a fraction of the device's memory (160 MiB on an 80 GB GPU: DeiT-B at batch 128 in 2
+# chunks per layer, not 196 one-row chunks of kernel launches). CPU: 2 MiB, small enough that the
+# blocks stay in cache between the ops of a chunk (the CPU tables of docs/PERFORMANCE.md).
+CUDA_CHUNK_MEMORY_FRACTION = 1 / 512
+CPU_CHUNK_BYTES = 2 ** 21
+# Fewer query rows would make each chunk's products matrix-vector products and its per-chunk
+# overhead dominate; a chunk takes at least this many rows even where that exceeds the budget.
+MIN_CHUNK_ROWS = 16
+
+
+def chunk_budget_bytes(device: torch.device) -> int:
+    """Bytes one chunk's score block may take on ``device`` (see ``CUDA_CHUNK_MEMORY_FRACTION``)."""
+    if device.type == "cuda":
+        return int(_cuda_memory(device.index if device.index is not None else torch.cuda.current_device())
+                   * CUDA_CHUNK_MEMORY_FRACTION)
+    return CPU_CHUNK_BYTES
+
+
+@torch.compiler.assume_constant_result  # a fact of the machine: compiled code needs no guard
+def _cuda_memory(index: int) -> int:
+    return torch.cuda.get_device_properties(index).total_memory
+
+
+def chunk_rows(batch_heads: int, queries: int, keys: int, budget_bytes: int) -> int:
+    """Query rows per chunk: as many as fit a float32 (batch_heads, rows, keys) block into
+    ``budget_bytes``, at least ``MIN_CHUNK_ROWS`` (or all), spread evenly over the chunks."""
+    rows = max(MIN_CHUNK_ROWS, budget_bytes // (4 * batch_heads * keys))
+    chunks = -(-queries // min(rows, queries))
+    return -(-queries // chunks)
+
 
 # Custom ops, not an autograd Function: torch.compile treats them as opaque, so it neither
 # breaks the graph at them nor merges the backward's recomputation with the forward (which
@@ -419,11 +468,11 @@ def chunked_attention(
     ``bias``: optional constant float additive mask broadcastable to (B, H, N, N). Scores are
     computed in q's dtype (as the explicit path does under autocast), φ and the softmax in
     float32. Saved for backward: q, k, v and the row logsumexp (B, H, N); scores, φ and the
-    probabilities only ever exist for one chunk of ``chunk_size`` query rows (default: as many
-    as fit ``CHUNK_ELEMENTS``).
+    probabilities only ever exist for one chunk of ``chunk_size`` query rows (default:
+    ``chunk_rows`` for the device's ``chunk_budget_bytes``).
     """
     if chunk_size is None:
-        chunk_size = max(1, CHUNK_ELEMENTS // (math.prod(q.shape[:-2]) * k.shape[-2]))
+        chunk_size = chunk_rows(math.prod(q.shape[:-2]), q.shape[-2], k.shape[-2], chunk_budget_bytes(q.device))
     if chunk_size < 1:
         raise ValueError(f"chunk_size must be >= 1, got {chunk_size}")
     factor = modulation.scale_factor
@@ -435,6 +484,14 @@ def chunked_attention(
 
 
 # ----------------------------------------------------------------------------- flex path
+
+# torch versions (major.minor) on which flex's backward with ``flex_score_mod`` is proven on a GPU:
+# scripts/gpu_check.sh passed there (flex forward and gradients equal the explicit path's in fp32
+# and bf16; DeiT-S train steps) and its benchmark measured the flex train step faster than the
+# compiled explicit one. Only there does ``auto`` train with flex; elsewhere it trains with the
+# explicit path (compiled when ``train.compile`` is on) and keeps flex for inference. Add a
+# version here only with that evidence (docs/PERFORMANCE.md says how).
+FLEX_TRAINING_PROVEN: Tuple[str, ...] = ()
 
 _compiled_flex: Optional[Callable[..., torch.Tensor]] = None
 
@@ -454,6 +511,11 @@ def flex_available(device: torch.device) -> bool:
     return _FLEX_IMPORTABLE and device.type == "cpu"
 
 
+def flex_training_proven() -> bool:
+    """Whether this torch's version is in ``FLEX_TRAINING_PROVEN``."""
+    return ".".join(torch.__version__.split(".")[:2]) in FLEX_TRAINING_PROVEN
+
+
 def _flex() -> Callable[..., torch.Tensor]:
     """flex_attention, compiled once per process; inside a compiled model the raw op is traced."""
     global _compiled_flex
@@ -462,6 +524,25 @@ def _flex() -> Callable[..., torch.Tensor]:
     if _compiled_flex is None:
         _compiled_flex = torch.compile(_flex_attention, dynamic=False)
     return _compiled_flex
+
+
+def flex_score_mod(params: Params) -> Optional[Callable[..., torch.Tensor]]:
+    """φ as flex's ``score_mod`` (None for the identity), in float32.
+
+    The parameters are unbound into 0-d tensors before the closure captures them, so that the
+    score_mod indexes no captured tensor. Inductor's flex backward computes a captured tensor's
+    gradient by scattering into it, and its pre-lowering check (``validate_joint_graph``) rejects
+    a tensor that requires grad and is indexed more than once (``ranges[0]``, ``ranges[1]``, …);
+    a 0-d capture is read whole. tests/test_flex_joint_graph.py runs that check on CPU.
+    """
+    if not params:
+        return None
+    ranges, ts, *affine = _params32(params)
+    scalars = (ranges.unbind(), ts.unbind(), *(p.reshape(()) for p in affine))
+
+    def score_mod(score, b, h, q_idx, kv_idx):  # flex's fixed signature
+        return modulate(score, scalars)
+    return score_mod
 
 
 def flex_attention_with(
@@ -483,16 +564,12 @@ def flex_attention_with(
             f"attention backend 'flex' has no backward on {q.device.type} in torch {torch.__version__}; "
             "run it under torch.no_grad() / inference_mode(), or use backend 'chunked' or 'explicit'"
         )
-    params = _params32(modulation.params)
-    score_mod = None
-    if params:
-        def score_mod(score, b, h, q_idx, kv_idx):  # flex's fixed signature
-            return modulate(score, params)
-    out = _flex()(q, k, v, score_mod=score_mod, scale=scale * modulation.scale_factor)
+    out = _flex()(q, k, v, score_mod=flex_score_mod(modulation.params), scale=scale * modulation.scale_factor)
     return out.to(v.dtype)
 
 
 __all__ = [
-    "CHUNK_ELEMENTS", "FUSED_NORMALIZERS", "ScoreModulation", "modulate", "modulate_backward",
-    "modulated_softmax", "modulated_attention", "chunked_attention", "flex_attention_with", "flex_available",
+    "FUSED_NORMALIZERS", "FLEX_TRAINING_PROVEN", "ScoreModulation", "modulate", "modulate_backward",
+    "modulated_softmax", "modulated_attention", "chunked_attention", "chunk_rows", "chunk_budget_bytes",
+    "flex_attention_with", "flex_available", "flex_score_mod", "flex_training_proven",
 ]

@@ -17,7 +17,7 @@ from typing import Callable, Dict, Optional
 
 import torch
 import torch.nn as nn
-import torch.nn.functional as F
+from timm.layers import register_notrace_module
 
 NORMALIZERS = ("softmax", "multimax", "sparsemax", "entmax15", "evsoftmax")
 OUT_NORMALIZERS = ("softmax", "multimax")
@@ -28,7 +28,7 @@ EVSOFTMAX_TRAIN_EPS = 1e-6
 def seglu(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
     """The SegLU modulator σ(x), elementwise, any shape. ``ranges``/``ts``: (2N,)."""
     out = x
-    for n in range(ranges.shape[0] // 2):
+    for n in range(len(ranges) // 2):
         power = n + 1
         low = torch.relu(ranges[2 * n] - x)
         high = torch.relu(x - ranges[2 * n + 1])
@@ -90,6 +90,7 @@ def evsoftmax(x: torch.Tensor, dim: int = -1, training: bool = False) -> torch.T
         return _evsoftmax32(_f32(x), dim, training).to(x.dtype)
 
 
+@register_notrace_module  # timm's FX tracing calls it as one node (it branches on the input's dtype)
 class SegLU(nn.Module):
     """The MultiMax modulator σ of order ``order`` with learnable ``ranges`` and ``ts`` of shape (2N,).
 
@@ -138,6 +139,7 @@ class SegLU(nn.Module):
         return f"order={self.order}, init={self.init}, affine={self.scale is not None}"
 
 
+@register_notrace_module  # as SegLU, for every normalizer
 class Normalizer(nn.Module):
     """Maps scores (..., L) to a distribution over the last dim, in float32, in the input's dtype.
 

@@ -25,11 +25,15 @@ class MultiMaxVisionTransformer(VisionTransformer):
     Extra kwargs over timm's ``VisionTransformer``:
         attn_normalizer: softmax | multimax | sparsemax | entmax15 | evsoftmax.
         out_normalizer: softmax | multimax (multimax adds a SegLU on the logits).
-        modulator_order, modulator_init, modulator_affine: the SegLU's N, init and affine variant.
+        modulator_order, modulator_init: the SegLU's N and init (attention and output alike).
+        modulator_affine: x ↦ t·x + b before σ in the attention modulators; the output σ stays
+            plain, as in the authors' code for this variant.
         softmax_temperature: temperature of the softmax attention normalizer.
         attn_backend: auto | sdpa | explicit | flex | chunked (see models.attention).
         grad_checkpointing: recompute blocks in the backward pass.
     Input (B, in_chans, H, W) → logits (B, num_classes); float32 when the output modulator is on.
+    timm conventions hold: ``num_classes=0`` / ``reset_classifier(0)`` give the pooled features
+    (σ acts on logits only), ``features_only=True`` and ``forward_intermediates`` as for timm's ViT.
     """
 
     def __init__(
@@ -62,16 +66,14 @@ class MultiMaxVisionTransformer(VisionTransformer):
         super().__init__(attn_layer=attn_layer, **kwargs)
         self.attn_normalizer = attn_normalizer
         self.out_normalizer = out_normalizer
-        self.out_modulator = (
-            SegLU(modulator_order, modulator_init, modulator_affine) if out_normalizer == "multimax" else None
-        )
+        self.out_modulator = SegLU(modulator_order, modulator_init) if out_normalizer == "multimax" else None
         if grad_checkpointing:
             self.set_grad_checkpointing(True)
 
     def forward_head(self, x: torch.Tensor, pre_logits: bool = False) -> torch.Tensor:
         x = super().forward_head(x, pre_logits=pre_logits)
-        if pre_logits or self.out_modulator is None:
-            return x
+        if pre_logits or self.out_modulator is None or self.num_classes == 0:
+            return x  # no classifier (num_classes 0): pooled features, not logits to modulate
         return self.out_modulator(x.float())
 
 
@@ -125,12 +127,13 @@ default_cfgs = generate_default_cfgs({
 
 
 def _create(variant: str, arch: str, kind: str, pretrained: bool = False, **kwargs: Any) -> MultiMaxVisionTransformer:
-    if pretrained:
-        raise ValueError(
-            f"{variant}: no pretrained weights are hosted; load a checkpoint with models.load_weights(model, path)"
-        )
+    # No weights are hosted under these names: pretrained=True loads what the caller points at
+    # (an exported folder via "local-dir:" / "hf-hub:", or pretrained_cfg_overlay=dict(file=...)),
+    # else timm says that no pretrained weights exist.
     args = {**_ARCHS[arch], **_VARIANTS[kind], **kwargs}
-    return build_model_with_cfg(MultiMaxVisionTransformer, variant, pretrained=False, **args)
+    out_indices = args.pop("out_indices", 3)  # features_only: the last 3 blocks, as timm's ViT
+    return build_model_with_cfg(MultiMaxVisionTransformer, variant, pretrained=pretrained,
+                                feature_cfg=dict(out_indices=out_indices, feature_cls="getter"), **args)
 
 
 @register_model

@@ -1,33 +1,53 @@
 """One door for weights: our checkpoints, checkpoints trained with the paper's code, and timm/DeiT ones.
 
-``load_weights(model, checkpoint)`` takes a path (``.pth``/``.pt`` loaded with
-``weights_only=True``, or ``.safetensors``) or an already loaded dict, finds the state dict
-(``model`` / ``state_dict`` / ``model_ema`` key, or the dict itself), maps its keys onto ours
-and loads it strictly, except for what is reported as deliberately reset.
+``read_checkpoint(path)`` loads a file without ever executing pickled code: ``.safetensors``,
+or ``torch.load(weights_only=True)`` with exactly one class allowed besides tensors and plain
+values, ``argparse.Namespace`` (DeiT's ``main.py``, which the paper's code uses, stores its
+``args`` in every checkpoint), allowed only for that load. Anything it cannot read raises
+``CheckpointReadError`` with a one-line reason.
+
+``load_weights(model, checkpoint)`` takes a path or an already loaded dict, finds the state dict
+(``model`` / ``state_dict``, with ``use_ema`` ``model_ema`` / ``state_dict_ema``, or the dict
+itself), maps its keys onto ours and loads it strictly, except for what is reported as
+deliberately dropped, resampled or left at init.
 
 Key mapping:
 - ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile) are stripped.
 - Paper code: ``blocks.{i}.attn.{ranges,ts}`` → ``blocks.{i}.attn.normalizer.modulator.{ranges,ts}``;
   top-level ``ranges`` / ``ts`` → ``out_modulator.{ranges,ts}``.
-- timm/DeiT: ``cls_token`` / ``dist_token`` / ``head_dist.*`` dropped, the prefix tokens' rows of
-  ``pos_embed`` dropped (and the grid resampled if the image size differs); a head whose shape
-  differs from the model's is reset (the model keeps its own init).
-A softmax checkpoint loaded into a MultiMax model leaves the modulators at their init (reported).
+- timm/DeiT into a model without those tokens: ``cls_token`` / ``dist_token`` / ``reg_token`` /
+  ``head_dist.*`` dropped with their rows of ``pos_embed``; a position grid of another size is
+  resampled (``timm.layers.resample_abs_pos_embed``, as timm does); a head whose shape differs
+  from the model's is left at init; a softmax checkpoint leaves a MultiMax model's modulators at init.
+Those changes make a fine-tuning start. ``strict=True`` (evaluation) refuses all of them but the
+resampling, since the model would then compute another function than the one trained: a
+class-token checkpoint is refused with the timm architecture it belongs to.
 """
 from __future__ import annotations
 
-import math
+import argparse
 import os
+import pickle
 import re
+import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
 
+import timm
 import torch
 import torch.nn as nn
+from timm.layers import resample_abs_pos_embed
 
 _PREFIXES = ("module.", "_orig_mod.")
-_FOREIGN_TOKENS = ("cls_token", "dist_token", "reg_token")
+_PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
 _PAPER_ATTN_KEY = re.compile(r"^(blocks\.\d+\.attn)\.(ranges|ts)$")
+# The one non-tensor class checkpoints may hold: DeiT's main.py saves its argparse arguments.
+SAFE_GLOBALS = (argparse.Namespace,)
+_MAX_REASON = 160  # longer library messages are left out rather than cut mid-sentence
+
+
+class CheckpointReadError(ValueError):
+    """A checkpoint file cannot be read safely; the message is one line naming the file."""
 
 
 class CheckpointMismatchError(ValueError):
@@ -36,24 +56,100 @@ class CheckpointMismatchError(ValueError):
 
 @dataclass
 class LoadResult:
-    """What ``load_weights`` did: the detected source format and what it left at init."""
+    """What ``load_weights`` did: the detected source format and every deliberate change."""
 
-    source: str                                   # ours | paper | timm
-    reset: List[str] = field(default_factory=list)  # model keys deliberately kept at init
+    source: str                                       # ours | paper | timm
+    reset: List[str] = field(default_factory=list)    # model keys deliberately kept at init
     dropped: List[str] = field(default_factory=list)  # checkpoint keys deliberately ignored
+    resampled: List[str] = field(default_factory=list)  # e.g. "pos_embed 14x14 -> 24x24"
+
+    def describe(self) -> str:
+        """One line: what was dropped, resampled and left at init (empty if nothing)."""
+        parts = []
+        if self.dropped:
+            parts.append("dropped " + ", ".join(self.dropped))
+        if self.resampled:
+            parts.append("resampled " + ", ".join(self.resampled))
+        if self.reset:
+            modulators = [k for k in self.reset if _is_modulator(k)]
+            others = [k for k in self.reset if not _is_modulator(k)]
+            parts.append("left at init " + ", ".join(others + ([f"{len(modulators)} modulator tensors"]
+                                                               if modulators else [])))
+        return "; ".join(parts)
 
 
-def read_checkpoint(path: Union[str, os.PathLike]) -> Dict[str, Any]:
-    """Load a checkpoint file without executing pickled code (safetensors or weights_only)."""
+def _is_modulator(key: str) -> bool:
+    return ".modulator." in key or key.startswith("out_modulator.")
+
+
+# ---------------------------------------------------------------- reading files
+
+def one_line_reason(e: BaseException) -> str:
+    """The library's own words, whole: its first line, else that line's first sentence when
+    the line is long, else only the exception type (never a sentence cut off)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > _MAX_REASON:
+        text = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text}" if text and len(text) <= _MAX_REASON else type(e).__name__
+
+
+def _read_safetensors(path: str, map_location: Any) -> Dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise CheckpointReadError(f"{path} is truncated or not a safetensors file ({one_line_reason(e)})") from None
+    out: Dict[str, Any] = {"model": state_dict}
+    if "config" in metadata:
+        out["config"] = metadata["config"]
+    return out
+
+
+def read_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
+    """Load a ``.pth``/``.pt`` checkpoint with ``torch.load(weights_only=True)`` (plus
+    ``argparse.Namespace``, see the module doc), or a ``.safetensors`` file as
+    ``{"model": state_dict[, "config": metadata["config"]]}``. ``mmap`` maps tensors lazily.
+    Raises ``CheckpointReadError`` (one line naming the file): missing, a directory, truncated
+    or corrupt, not a dict, or holding pickled objects, which are never executed."""
     path = os.fspath(path)
-    if not os.path.isfile(path):
-        raise FileNotFoundError(f"checkpoint not found: {path}")
+    if not os.path.exists(path):
+        raise CheckpointReadError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise CheckpointReadError(f"checkpoint {path} is a directory, not a file")
     if path.endswith(".safetensors"):
-        from safetensors.torch import load_file
+        return _read_safetensors(path, map_location)
+    try:
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        # a refused class/function means real pickled objects; an odd opcode means junk bytes
+        if refused or re.search(r"Unsupported (global|class)|unrecognized function|Can only build", str(e)):
+            what = f" ({refused.group(1)})" if refused else ""
+            raise CheckpointReadError(
+                f"{path} holds pickled Python objects{what} that loading would execute; refused (a checkpoint "
+                "may hold tensors, plain values and argparse.Namespace): re-save its weights from the program "
+                "that wrote it, e.g. torch.save({'model': model.state_dict()}, path)") from None
+        raise CheckpointReadError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):  # legacy (non-zip) format: read it whole
+            return read_checkpoint(path, map_location)
+        raise CheckpointReadError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
+    except OSError as e:
+        raise CheckpointReadError(f"cannot read checkpoint {path}: {e.strerror or one_line_reason(e)}") from None
+    except (EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise CheckpointReadError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
+    if not isinstance(obj, dict):
+        raise CheckpointReadError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
 
-        return {"model": load_file(path)}
-    return torch.load(path, map_location="cpu", weights_only=True)
 
+# ---------------------------------------------------------------- state dicts
 
 def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> Dict[str, torch.Tensor]:
     """The model state dict inside a checkpoint dict (ours, DeiT's, timm's or a bare state dict)."""
@@ -71,7 +167,8 @@ def extract_state_dict(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     )
 
 
-def _strip_prefixes(sd: Dict[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
+    """Keys without DDP's ``module.`` and torch.compile's ``_orig_mod.`` prefixes."""
     out = {}
     for k, v in sd.items():
         changed = True
@@ -92,23 +189,41 @@ def _detect_source(sd: Mapping[str, torch.Tensor]) -> str:
     return "timm"
 
 
-def _resample_pos_embed(pos: torch.Tensor, num_patches: int) -> torch.Tensor:
-    """Bicubic resize of a (1, G*G, C) grid of position embeddings to ``num_patches`` positions."""
-    old, new = int(math.isqrt(pos.shape[1])), int(math.isqrt(num_patches))
-    if old * old != pos.shape[1] or new * new != num_patches:
-        raise CheckpointMismatchError(
-            f"pos_embed has {pos.shape[1]} positions, the model {num_patches}: not square grids, cannot resample"
-        )
-    grid = pos.reshape(1, old, old, -1).permute(0, 3, 1, 2).float()
-    grid = nn.functional.interpolate(grid, size=(new, new), mode="bicubic", align_corners=False)
-    return grid.permute(0, 2, 3, 1).reshape(1, new * new, -1).to(pos.dtype)
+def _is_square(n: int) -> bool:
+    return n > 0 and int(round(n ** 0.5)) ** 2 == n
 
 
-def convert_state_dict(
-    sd: Dict[str, torch.Tensor], model: nn.Module
-) -> tuple[Dict[str, torch.Tensor], LoadResult]:
+def _grid(n: int) -> List[int]:
+    side = int(round(n ** 0.5))
+    if not _is_square(n):
+        raise CheckpointMismatchError(f"pos_embed has {n} patch positions: not a square grid, cannot resample")
+    return [side, side]
+
+
+def _fit_pos_embed(pos: torch.Tensor, sd: Mapping[str, torch.Tensor], model: nn.Module,
+                   result: LoadResult) -> torch.Tensor:
+    """``pos`` (1, prefix + patches, C) made to fit the model's pos_embed: the rows of prefix
+    tokens the model lacks dropped (they come first in timm/DeiT), the patch grid resampled."""
+    target = model.state_dict()["pos_embed"]
+    prefix = int(getattr(model, "num_prefix_tokens", 0)) if not getattr(model, "no_embed_class", False) else 0
+    drop = max(0, sum(1 for t in _PREFIX_TOKENS if t in sd) - prefix)
+    if drop and _is_square(pos.shape[1] - prefix) and not _is_square(pos.shape[1] - prefix - drop):
+        drop = 0  # the tokens have no rows here (timm's no_embed_class models)
+    if drop:
+        pos = pos[:, drop:]
+        result.dropped.append(f"pos_embed's first {drop} row(s)")
+    n_old, n_new = pos.shape[1] - prefix, target.shape[1] - prefix
+    if n_old != n_new:
+        new = list(getattr(getattr(model, "patch_embed", None), "grid_size", None) or _grid(n_new))
+        old = _grid(n_old)
+        pos = resample_abs_pos_embed(pos.float(), new_size=new, old_size=old, num_prefix_tokens=prefix).to(pos.dtype)
+        result.resampled.append(f"pos_embed {old[0]}x{old[1]} -> {new[0]}x{new[1]}")
+    return pos
+
+
+def convert_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module) -> tuple[Dict[str, torch.Tensor], LoadResult]:
     """Map a foreign state dict onto ``model``'s keys. Returns the new dict and what was done."""
-    sd = _strip_prefixes(sd)
+    sd = strip_prefixes(sd)
     result = LoadResult(source=_detect_source(sd))
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
@@ -119,43 +234,89 @@ def convert_state_dict(
                 k = f"{m.group(1)}.normalizer.modulator.{m.group(2)}"
             elif k in ("ranges", "ts"):
                 k = f"out_modulator.{k}"
-        if k in _FOREIGN_TOKENS and k not in target or k.startswith("head_dist."):
+        if (k in _PREFIX_TOKENS or k.startswith("head_dist.")) and k not in target:
             result.dropped.append(k)
             continue
         out[k] = v
-    pos = out.get("pos_embed")
-    if pos is not None and "pos_embed" in target and pos.shape != target["pos_embed"].shape:
-        n_model = target["pos_embed"].shape[1]
-        extra = pos.shape[1] - n_model
-        # class/distillation tokens' positions come first in timm/DeiT
-        n_prefix = sum(1 for t in ("cls_token", "dist_token") if t in sd and t not in target)
-        if n_prefix and extra >= n_prefix:
-            pos = pos[:, n_prefix:]
-        if pos.shape[1] != n_model:
-            pos = _resample_pos_embed(pos, n_model)
-        out["pos_embed"] = pos
+    if "pos_embed" in out and "pos_embed" in target and out["pos_embed"].shape != target["pos_embed"].shape:
+        out["pos_embed"] = _fit_pos_embed(out["pos_embed"], sd, model, result)
     for key in ("head.weight", "head.bias"):
         if key in out and key in target and out[key].shape != target[key].shape:
             del out[key]
             result.reset.append(key)
     if result.source == "timm":
         # a softmax checkpoint has no modulators: the model keeps their init
-        result.reset += [k for k in target if ".modulator." in k or k.startswith("out_modulator.")]
+        result.reset += [k for k in target if _is_modulator(k)]
     return out, result
+
+
+# ---------------------------------------------------------------- loading into a model
+
+def class_token_architecture(sd: Mapping[str, torch.Tensor]) -> str:
+    """The timm model a class-token ViT/DeiT state dict belongs to, as eval.py arguments:
+    'deit_small_patch16_224', 'deit_tiny_distilled_patch16_224', or for sizes timm has no name
+    for, the nearest DeiT name with the ``model.kwargs`` that differ."""
+    sd = strip_prefixes(sd)
+    proj, pos = sd.get("patch_embed.proj.weight"), sd.get("pos_embed")
+    distilled = "_distilled" if "dist_token" in sd else ""
+    if proj is None or pos is None or proj.dim() != 4:
+        return f"deit_small{distilled}_patch16_224 (a timm ViT with a class token)"
+    width, patch = int(proj.shape[0]), int(proj.shape[-1])
+    depth = 1 + max((int(m.group(1)) for m in map(re.compile(r"^blocks\.(\d+)\.").match, sd) if m), default=-1)
+    side = int(round((pos.shape[1] - sum(1 for t in _PREFIX_TOKENS if t in sd)) ** 0.5))
+    size = {192: "tiny", 384: "small", 768: "base"}.get(width)
+    name = f"deit_{size}{distilled}_patch{patch}_{side * patch}"
+    if size and depth == 12 and timm.is_model(name):
+        return name
+    extra = [] if size else [f"model.kwargs.embed_dim={width}", "model.kwargs.num_heads=<its heads>"]
+    extra += [f"model.kwargs.depth={depth}"] if depth != 12 else []
+    extra += [f"model.kwargs.patch_size={patch}"] if patch != 16 else []
+    extra += [f"--img-size {side * patch}"] if side * patch != 224 else []
+    return " ".join([f"deit_{size or 'tiny'}{distilled}_patch16_224", *extra])
+
+
+def _token_mismatch(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> Optional[str]:
+    """Why a strict load cannot go on when the checkpoint and the model pool differently, else None."""
+    extra = [t for t in _PREFIX_TOKENS if t in sd and t not in target]
+    if extra:
+        return (f"it is a class-token model ({', '.join(extra)}) and this model has no class token, so its "
+                f"classifier would read other features than it was trained on (a GAP model averages the patch "
+                f"tokens); evaluate it in its own architecture: --model {class_token_architecture(sd)} "
+                f"(model.init_checkpoint starts a GAP model from it)")
+    missing = [t for t in _PREFIX_TOKENS if t in target and t not in sd]
+    if missing:
+        return (f"the checkpoint has no {', '.join(missing)} (it pools the average of its tokens) and the model "
+                "expects one: build the model it was trained as (e.g. a *_gap_* or *_multimax_* model)")
+    return None
 
 
 def load_weights(
     model: nn.Module,
     checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
     use_ema: bool = False,
+    strict: bool = False,
 ) -> LoadResult:
     """Load ``checkpoint`` (a path or a loaded dict) into ``model``; raise
-    ``CheckpointMismatchError`` naming the missing, unexpected and mis-shaped keys if it does not fit."""
+    ``CheckpointMismatchError`` naming the missing, unexpected and mis-shaped keys if it does not
+    fit. ``strict``: nothing may be dropped or left at init (evaluation; see the module doc)."""
     ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
     if not isinstance(ckpt, Mapping):
         raise CheckpointMismatchError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
-    sd, result = convert_state_dict(extract_state_dict(ckpt, use_ema), model)
+    raw = strip_prefixes(extract_state_dict(ckpt, use_ema))
     target = model.state_dict()
+    if strict:
+        reason = _token_mismatch(raw, target)
+        if reason:
+            raise CheckpointMismatchError(reason)
+    sd, result = convert_state_dict(raw, model)
+    if strict and result.reset:
+        heads = [k for k in result.reset if not _is_modulator(k)]
+        if heads:
+            raise CheckpointMismatchError(
+                f"its head has {tuple(raw[heads[0]].shape)}, the model's {tuple(target[heads[0]].shape)}: "
+                "another number of classes, which evaluation never re-initialises")
+        raise CheckpointMismatchError("it has no MultiMax modulators (a softmax model): build the model with "
+                                      "attn_normalizer=softmax and out_normalizer=softmax")
     missing = [k for k in target if k not in sd and k not in result.reset]
     unexpected = [k for k in sd if k not in target]
     shapes = [
@@ -163,29 +324,39 @@ def load_weights(
         for k in sd if k in target and sd[k].shape != target[k].shape
     ]
     if missing or unexpected or shapes:
-        parts = []
-        if missing:
-            parts.append(f"missing keys ({len(missing)}): {', '.join(missing[:12])}{' ...' if len(missing) > 12 else ''}")
-        if unexpected:
-            parts.append(f"unexpected keys ({len(unexpected)}): {', '.join(unexpected[:12])}{' ...' if len(unexpected) > 12 else ''}")
-        if shapes:
-            parts.append(f"shape mismatches: {'; '.join(shapes[:6])}")
-        hint = ""
-        if any(k.endswith("attn.qkv.bias") for k in unexpected):
-            hint = " (the checkpoint has qkv biases: build the model with qkv_bias=True)"
-        elif any(k.endswith("attn.qkv.bias") for k in missing):
-            hint = " (the checkpoint has no qkv biases: build the model with qkv_bias=False)"
-        raise CheckpointMismatchError(f"checkpoint ({result.source} format) does not fit the model: "
-                                      + "; ".join(parts) + hint)
+        raise CheckpointMismatchError(_mismatch_message(result.source, missing, unexpected, shapes))
     model.load_state_dict(sd, strict=False)
     return result
 
 
+def _mismatch_message(source: str, missing: Sequence[str], unexpected: Sequence[str], shapes: Sequence[str]) -> str:
+    def some(keys: Sequence[str]) -> str:
+        return ", ".join(keys[:12]) + (" ..." if len(keys) > 12 else "")
+
+    parts = []
+    if missing:
+        parts.append(f"missing keys ({len(missing)}): {some(missing)}")
+    if unexpected:
+        parts.append(f"unexpected keys ({len(unexpected)}): {some(unexpected)}")
+    if shapes:
+        parts.append(f"shape mismatches: {'; '.join(shapes[:6])}")
+    hint = ""
+    if any(k.endswith("attn.qkv.bias") for k in unexpected):
+        hint = (" (the checkpoint has qkv biases and the model none: qkv_bias=True builds them, in a config "
+                "model.qkv_bias=true, for timm's own models model.kwargs.qkv_bias=true)")
+    elif any(k.endswith("attn.qkv.bias") for k in missing):
+        hint = (" (the checkpoint has no qkv biases: build the model with qkv_bias=False, in a config "
+                "model.qkv_bias=false, for timm's own models model.kwargs.qkv_bias=false)")
+    return f"checkpoint ({source} format) does not fit the model: " + "; ".join(parts) + hint
+
+
 def infer_model_kwargs(checkpoint: Mapping[str, Any], use_ema: bool = False) -> Dict[str, Any]:
-    """Architecture kwargs a foreign checkpoint implies (``qkv_bias``, ``num_classes``,
+    """Architecture kwargs a foreign checkpoint implies (``qkv_bias`` for ViTs, ``num_classes``,
     normalizers), so that eval can build a model that fits it."""
-    sd = _strip_prefixes(extract_state_dict(checkpoint, use_ema))
-    kwargs: Dict[str, Any] = {"qkv_bias": any(k.endswith("attn.qkv.bias") for k in sd)}
+    sd = strip_prefixes(extract_state_dict(checkpoint, use_ema))
+    kwargs: Dict[str, Any] = {}
+    if any(k.endswith("attn.qkv.weight") for k in sd):
+        kwargs["qkv_bias"] = any(k.endswith("attn.qkv.bias") for k in sd)
     if "head.weight" in sd:
         kwargs["num_classes"] = int(sd["head.weight"].shape[0])
     source = _detect_source(sd)
@@ -197,5 +368,6 @@ def infer_model_kwargs(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     return kwargs
 
 
-__all__ = ["CheckpointMismatchError", "LoadResult", "load_weights", "read_checkpoint",
-           "extract_state_dict", "convert_state_dict", "infer_model_kwargs"]
+__all__ = ["one_line_reason", "CheckpointReadError", "CheckpointMismatchError", "LoadResult", "SAFE_GLOBALS",
+           "read_checkpoint", "load_weights", "extract_state_dict", "strip_prefixes", "convert_state_dict",
+           "class_token_architecture", "infer_model_kwargs"]

@@ -39,22 +39,16 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD  # noqa: E402
 
 import models  # noqa: E402
-from data.datasets import (  # noqa: E402
-    FASHION_MNIST_MEAN, FASHION_MNIST_NAMES, FASHION_MNIST_STD, GRAY_MEAN, GRAY_STD, IMAGEFOLDER_NAMES,
-    base_dataset, create_dataset, take_subset,
-)
+from data.datasets import base_dataset, create_dataset, take_subset  # noqa: E402
 from data.transforms import eval_transform  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.model import build_model  # noqa: E402
 from engine.plots import figure_script_main, save_figure  # noqa: E402
+from eval import checkpoint_model, eval_normalization  # noqa: E402
 from eval import parse_args as eval_args  # noqa: E402
-from eval import resolve_config  # noqa: E402
-from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
 
 # ---------------------------------------------------------------- math
 
@@ -90,44 +84,13 @@ def query_maps(probs: Sequence[torch.Tensor], query: Tuple[int, int], grid: Tupl
 
 def load_model(path: str, model_name: Optional[str], use_ema: bool,
                overrides: Sequence[str] = ()) -> Tuple[nn.Module, Config]:
-    """The model (eval mode, CPU) and config of any checkpoint, resolved as eval.py does.
-    Classes and input channels that the config leaves to the dataset are read off the weights,
-    so that no dataset is needed to build the model."""
+    """The model (eval mode, CPU) and config of any checkpoint, resolved and loaded as eval.py
+    does (classes and input channels read off the weights, so no dataset is needed)."""
     ckpt = load_checkpoint(path)
     argv = ["--checkpoint", path, *(["--model", model_name] if model_name else []),
             *(["--use-ema"] if use_ema else []), *overrides]
-    try:
-        cfg = resolve_config(eval_args(argv), ckpt)
-        sd = extract_state_dict(ckpt, use_ema)
-    except CheckpointMismatchError as e:  # no (EMA) weights in it
-        raise UserError(f"{path}: {e}") from None
-    model = build_model(cfg.model, _weight_dim(sd, "head.weight", 0), _weight_dim(sd, "patch_embed.proj.weight", 1))
-    try:
-        models.load_weights(model, ckpt, use_ema=use_ema)
-    except CheckpointMismatchError as e:
-        raise UserError(f"{path} does not fit model {cfg.model.name}: {e}") from None
+    model, cfg, _, _ = checkpoint_model(eval_args(argv), ckpt, path)
     return model.eval(), cfg
-
-
-def _weight_dim(sd: dict, suffix: str, dim: int) -> Optional[int]:
-    """Size ``dim`` of the tensor whose key ends with ``suffix`` (any DDP/compile prefix), or None."""
-    for key, value in sd.items():
-        if key == suffix or key.endswith("." + suffix):
-            return int(value.shape[dim])
-    return None
-
-
-def normalization(cfg: Config, in_chans: int) -> Tuple[List[float], List[float]]:
-    """mean/std of the eval transform: ``data.mean``/``data.std``, else the defaults data/ gives
-    the configured dataset (Fashion-MNIST's; ImageNet's for folders and RGB; 0.5 for grey)."""
-    d = cfg.data
-    if d.dataset.lower() in FASHION_MNIST_NAMES:
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    elif d.dataset.lower() in IMAGEFOLDER_NAMES or in_chans == 3:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    else:
-        mean, std = GRAY_MEAN, GRAY_STD
-    return list(d.mean or mean), list(d.std or std)
 
 
 def read_image(path: str) -> Image.Image:
@@ -158,7 +121,7 @@ def dataset_image(cfg: Config, index: int) -> Tuple[Image.Image, str]:
 
 def preprocess(img: Image.Image, cfg: Config, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(model input (1, C, S, S), the same image de-normalised in [0, 1]: (S, S) grey or (S, S, 3))."""
-    mean, std = normalization(cfg, in_chans)
+    mean, std = eval_normalization(cfg, in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"data.mean {mean} / data.std {std}: the model takes {in_chans} channel(s)")
     d = cfg.data
@@ -208,8 +171,8 @@ def model_maps(model: nn.Module, cfg: Config, image: Image.Image, query: Tuple[i
 
 
 def _attention_kind(model: nn.Module) -> str:
-    """The normalizer name of the model's attention layers, e.g. 'multimax' or 'softmax'."""
-    names = {m.normalizer.name for m in model.modules() if isinstance(m, models.MultiMaxAttention)}
+    """The normalizer name of the model's attention layers, e.g. 'multimax' or 'softmax' (timm's own)."""
+    names = {getattr(getattr(m, "normalizer", None), "name", "softmax") for _, m in models.attention_layers(model)}
     return "/".join(sorted(names))
 
 

@@ -7,6 +7,8 @@
     # the tables of docs/PERFORMANCE.md
     python scripts/benchmark.py --preset deit   --out-json deit.json --out-md deit.md
     python scripts/benchmark.py --preset memory --out-json mem.json  --out-md mem.md
+    # on a GPU: softmax-SDPA, MultiMax explicit and MultiMax flex train steps side by side (bf16)
+    python scripts/benchmark.py --preset deit --device cuda --sizes small --mode train --compile on
 
 Timing: each variant is built and warmed up (this includes torch.compile), then the variants
 of a group are timed round-robin: repeat r times {for each variant: `steps` steps}, in
@@ -244,9 +246,11 @@ def build_step(v: Variant, device: torch.device, compile_mode: Optional[str]) ->
         raise UserError(f"cannot build {v.model} with {v.model_kwargs()}: {e}") from None
     attn = model.blocks[0].attn
     model.train(v.mode == "train")
+    with torch.set_grad_enabled(v.mode == "train"):  # auto's choice depends on it
+        kernel = attn.kernel(device)
     result = Result(
         variant=v, group="", arch=_arch(model), attn=model.attn_normalizer, out=model.out_normalizer,
-        kernel=attn.kernel(device), tokens=model.patch_embed.num_patches,
+        kernel=kernel, tokens=model.patch_embed.num_patches,
     )
     chans, size = model.patch_embed.proj.in_channels, model.patch_embed.img_size
     gen = torch.Generator().manual_seed(0)
@@ -505,15 +509,25 @@ def _optims_for(mode: str, optims: Sequence[str]) -> Sequence[str]:
     return optims if mode == "train" else optims[:1]
 
 
+# --preset deit's sizes: (architecture, patch/resolution suffix) of the model names
+DEIT_SIZES = {"tiny": ("deit_tiny", "patch16_224"), "small": ("deit_small", "patch16_224"),
+              "base": ("deit_base", "patch16_224"), "micro": ("vit_micro", "patch7_28")}
+
+
 def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], modes: Sequence[str],
-                optims: Sequence[str] = ("auto",)) -> Dict[str, List[Variant]]:
-    """DeiT-Ti and DeiT-S at 224: MultiMax vs the softmax-SDPA GAP baseline, one group per
-    (size, mode, dtype), eager and compiled alternated within the group."""
+                optims: Sequence[str] = ("auto",), sizes: Sequence[str] = ("tiny", "small"),
+                device: torch.device = torch.device("cpu")) -> Dict[str, List[Variant]]:
+    """MultiMax vs the softmax-SDPA GAP baseline, one group per (size, mode, dtype), eager and
+    compiled alternated within the group. On CUDA MultiMax runs twice, with the explicit path
+    and with flex (CPU: ``auto``, i.e. explicit, as flex has no CPU backward)."""
+    multimax = ["explicit", "flex"] if device.type == "cuda" else ["auto"]
     groups = {}
-    for size, mode, dtype in itertools.product(("tiny", "small"), modes, dtypes):
-        groups[f"deit_{size}-{mode}-{dtype}"] = [
-            Variant(f"deit_{size}_{kind}_patch16_224", mode=mode, compile=c, dtype=dtype, batch_size=batch, optim=o)
-            for c in compiles for o in _optims_for(mode, optims) for kind in ("gap", "multimax")
+    for size, mode, dtype in itertools.product(sizes, modes, dtypes):
+        arch, suffix = DEIT_SIZES[size]
+        groups[f"{arch}-{mode}-{dtype}"] = [
+            Variant(f"{arch}_{kind}_{suffix}", mode=mode, backend=backend, compile=c, dtype=dtype, batch_size=batch, optim=o)
+            for c in compiles for o in _optims_for(mode, optims)
+            for kind, backend in [("gap", "auto"), *(("multimax", b) for b in multimax)]
         ]
     return groups
 
@@ -617,7 +631,10 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--backend", nargs="+", default=["auto"], choices=ATTN_BACKENDS)
     p.add_argument("--compile", nargs="+", default=None, choices=("off", "on"), help="default: off (deit: off on)")
     p.add_argument("--compile-mode", default=None, help="torch.compile mode (default: torch's default)")
-    p.add_argument("--dtype", nargs="+", default=["fp32"], choices=list(DTYPES), help="autocast dtype (fp32 = none)")
+    p.add_argument("--dtype", nargs="+", default=None, choices=list(DTYPES),
+                   help="autocast dtype (fp32 = none; default: fp32 on CPU, bf16 on CUDA)")
+    p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(DEIT_SIZES),
+                   help="deit preset: model sizes (micro = the 28x28 CPU demo model)")
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
     p.add_argument("--optim-impl", nargs="+", default=["auto"], choices=ADAMW_IMPLS,
                    help="train steps: how AdamW runs (optim.impl; auto = fused on CPU/CUDA as in train.py)")
@@ -699,6 +716,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         device = _device(args.device)
         info = machine_info(device)
         info["malloc"] = "tuned (engine.cpu_alloc)" if apply_allocator_mode(args.malloc, device.type) else "default"
+        args.dtype = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"])
         throughput: List[Result] = []
         memory: List[MemoryResult] = []
         if args.preset == "memory":
@@ -716,7 +734,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
             batch = args.batch_size or (128 if device.type == "cuda" else 8)
             if args.preset == "deit":
                 compiles = [c == "on" for c in args.compile or ["off", "on"]]
-                groups = deit_groups(batch, args.dtype, compiles, args.mode, args.optim_impl)
+                groups = deit_groups(batch, args.dtype, compiles, args.mode, args.optim_impl, args.sizes, device)
             else:
                 groups = {"cli": cli_variants(args, batch, device)}
             for name, variants in groups.items():

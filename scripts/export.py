@@ -1,62 +1,141 @@
 #!/usr/bin/env python
-"""Export a checkpoint's model weights to safetensors (no pickle), with the model config.
+"""Export a checkpoint as timm users consume weights: a folder in the Hugging Face Hub layout.
 
-    python scripts/export.py runs/quickstart/best.pth --out exported/ [--use-ema]
+    python scripts/export.py runs/deit_small_multimax/best.pth --out exported/deit_small_multimax
+    python scripts/export.py runs/x/best.pth --out exported/x --use-ema --eval-result runs/x/best.<...>.eval.json
+    python scripts/export.py runs/x/best.pth --out exported/x --push-to-hub your-name/deit_small_multimax
 
-Writes ``<out>/model.safetensors`` (the config YAML is also stored in its metadata under
-``config``) and ``<out>/config.yaml``. ``eval.py --checkpoint <out>/model.safetensors`` loads it.
+The folder holds ``model.safetensors`` (no pickle), ``config.json`` (timm's: ``architecture``,
+``num_classes``, ``label_names``, ``model_args`` and ``pretrained_cfg`` with the eval
+preprocessing; plus the training config and the eval result) and ``README.md``, a short model
+card. timm rebuilds the exact model from it, once this repository's ``models`` is imported:
+
+    import timm, models
+    model = timm.create_model("local-dir:exported/deit_small_multimax", pretrained=True)
+    model = timm.create_model("hf-hub:your-name/deit_small_multimax", pretrained=True)  # after --push-to-hub
+
+and ``eval.py --checkpoint exported/deit_small_multimax`` evaluates it. ``--push-to-hub`` uploads
+through timm's ``push_to_hf_hub`` (needs the network and a token: ``huggingface-cli login``).
+Foreign checkpoints (the paper's code, DeiT) need ``--model`` as in eval.py.
 """
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
+from typing import Any, Dict, Optional
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from safetensors.torch import save_file  # noqa: E402
+import timm  # noqa: E402
+import torch.nn as nn  # noqa: E402
+from timm.models._hub import generate_readme  # noqa: E402
 
+import eval as evaluation  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
-from engine.errors import UserError  # noqa: E402
-from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
+from engine.config import Config, dump_config  # noqa: E402
+from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError  # noqa: E402
 
 
-def export(checkpoint: str, out_dir: str, use_ema: bool = False) -> str:
+def eval_line(result: Optional[Dict[str, Any]], ckpt: Dict[str, Any]) -> str:
+    """The model card's evaluation line: an eval.py result, else the best epoch training logged."""
+    if result:
+        ds, pre = result["dataset"], result["preprocessing"]
+        return (f"top-1 {result['top1']:.2f}%, top-5 {result['top5']:.2f}% on {ds['name']} split {ds['split']} "
+                f"({result['num_images']} images, {pre['img_size']} px, crop {pre['crop_pct']}), eval.py")
+    best = ckpt.get("best") or {}
+    if best.get("value") is not None:
+        return f"{best['metric']} {best['value']:.2f} at epoch {best['epoch']} (logged by training)"
+    return "not evaluated"
+
+
+def model_card(name: str, model: nn.Module, cfg: Config, config_text: str, evaluated: str, source: str) -> dict:
+    """The card timm's ``generate_readme`` renders (and ``push_to_hf_hub`` uploads)."""
+    params = sum(p.numel() for p in model.parameters()) / 1e6
+    size = cfg.model.img_size
+    return {
+        "description": (f"`{name}` exported from `{source}` with multimax-vit's scripts/export.py.\n\n"
+                        f"<details><summary>Training config</summary>\n\n```yaml\n{config_text.rstrip()}\n```\n"
+                        "</details>"),
+        "details": {"Model Type": "Image classification", "Architecture": name, "Params (M)": f"{params:.2f}",
+                    "Image size": f"{size} x {size}", "Classes": model.num_classes, "Eval": evaluated},
+        "usage": ("```python\nimport timm\nimport models  # multimax-vit's package: registers the architecture\n\n"
+                  "model = timm.create_model('local-dir:<this folder>', pretrained=True).eval()  # or 'hf-hub:<repo>'\n"
+                  "```"),
+    }
+
+
+def export(checkpoint: str, out_dir: str, use_ema: bool = False, model_name: Optional[str] = None,
+           eval_result: Optional[str] = None, push_to_hub: Optional[str] = None) -> str:
+    """Write the folder (and upload it with ``push_to_hub``); returns ``out_dir``."""
     ckpt = load_checkpoint(checkpoint)
+    argv = ["--checkpoint", checkpoint, *(["--model", model_name] if model_name else []),
+            *(["--use-ema"] if use_ema else [])]
+    # runtime choices of the training run are not part of the released model
+    argv += ["model.grad_checkpointing=false", "model.attn_backend=auto"]
+    model, cfg, _, crop_mode = evaluation.checkpoint_model(evaluation.parse_args(argv), ckpt, checkpoint)
+    result = _read_json(eval_result) if eval_result else None
+    # the run's own config (as trained); a foreign checkpoint's as eval.py resolves it
+    config_text = ckpt["config"] if isinstance(ckpt.get("config"), str) and ckpt["config"].strip() else dump_config(cfg)
+    mean, std = evaluation.eval_normalization(cfg, model.in_chans)
+    data_config = {"input_size": (model.in_chans, cfg.model.img_size, cfg.model.img_size),
+                   "crop_pct": cfg.data.crop_pct, "crop_mode": crop_mode, "interpolation": cfg.data.interpolation,
+                   "mean": tuple(mean), "std": tuple(std)}
+    model_config: Dict[str, Any] = {"training_config": config_text}
+    if ckpt.get("classes"):
+        model_config["label_names"] = list(ckpt["classes"])
+    if result:
+        model_config["eval_result"] = {k: result[k] for k in ("top1", "top5", "loss", "num_images", "dataset",
+                                                               "preprocessing") if k in result}
+    name = timm.models.get_arch_name(cfg.model.name)
+    card = model_card(name, model, cfg, config_text, eval_line(result, ckpt),
+                      os.path.basename(checkpoint) + (" (EMA weights)" if use_ema else ""))
     try:
-        state = extract_state_dict(ckpt, use_ema=use_ema)
-    except CheckpointMismatchError as e:
-        raise UserError(f"{checkpoint}: {e}") from None
-    config = ckpt.get("config") if isinstance(ckpt.get("config"), str) else ""
-    # safetensors wants contiguous tensors that do not share memory
-    tensors = {k: v.detach().contiguous().clone() for k, v in state.items()}
-    try:
-        os.makedirs(out_dir, exist_ok=True)
-        path = os.path.join(out_dir, "model.safetensors")
-        tmp = path + ".tmp"
-        save_file(tensors, tmp, metadata={"config": config, "format": "multimax-vit", "use_ema": str(use_ema)})
-        os.replace(tmp, path)
-        if config:
-            with open(os.path.join(out_dir, "config.yaml"), "w") as f:
-                f.write(config)
+        timm.models.save_for_hf(model, out_dir, model_config=dict(model_config), safe_serialization=True,
+                                data_config=data_config)
+        with open(os.path.join(out_dir, "README.md"), "w", encoding="utf-8") as f:
+            f.write(generate_readme(card, name))
     except OSError as e:
-        raise UserError(f"cannot write to {out_dir}: {e.strerror}") from None
-    return path
+        raise UserError(f"cannot write to {out_dir}: {e.strerror or e}") from None
+    if push_to_hub:
+        try:
+            timm.models.push_to_hf_hub(model, push_to_hub, model_config=dict(model_config), model_card=card,
+                                       safe_serialization=True, data_config=data_config)
+        except Exception as e:  # network, authentication, repository errors of huggingface_hub
+            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
+            raise UserError(f"--push-to-hub {push_to_hub}: upload failed ({type(e).__name__}: {reason}); "
+                            f"the folder {out_dir} is written") from None
+    return out_dir
+
+
+def _read_json(path: str) -> Dict[str, Any]:
+    try:
+        with open(path) as f:
+            result = json.load(f)
+    except (OSError, ValueError) as e:
+        raise UserError(f"--eval-result: cannot read {path} ({e})") from None
+    if not isinstance(result, dict) or not {"top1", "top5", "dataset", "preprocessing"} <= set(result):
+        raise UserError(f"--eval-result: {path} is not an eval.py result (top1, top5, dataset, preprocessing)")
+    return result
 
 
 def main(argv=None) -> int:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("checkpoint")
-    p.add_argument("--out", required=True, help="output directory")
+    p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--use-ema", action="store_true", help="export the EMA weights")
+    p.add_argument("--model", help="timm model name, for a checkpoint without a stored config")
+    p.add_argument("--eval-result", metavar="JSON", help="an eval.py result to put in the model card")
+    p.add_argument("--push-to-hub", metavar="REPO_ID", help="also upload the folder with timm's push_to_hf_hub")
     args = p.parse_args(argv)
     try:
-        path = export(args.checkpoint, args.out, args.use_ema)
+        out = export(args.checkpoint, args.out, args.use_ema, args.model, args.eval_result, args.push_to_hub)
     except UserError as e:
         print(f"export.py: error: {e}", file=sys.stderr)
-        return 2
-    print(f"wrote {path}")
-    return 0
+        return EXIT_USER_ERROR
+    print(f"wrote {out}" + (f" and uploaded it to {args.push_to_hub}" if args.push_to_hub else ""))
+    return EXIT_OK
 
 
 if __name__ == "__main__":

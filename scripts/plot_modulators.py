@@ -21,7 +21,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
-    figure_script_main,
+    figure_script_main, check_figure_output, check_finite,
     ModulatorParams, modulator_evolution_figure, modulators_from_state_dict, save_figure,
 )
 from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
@@ -61,13 +61,16 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--use-ema", action="store_true", help="read the checkpoints' EMA weights")
     p.add_argument("--x-range", type=float, nargs=2, default=[-10.0, 10.0], metavar=("LOW", "HIGH"),
                    help="x interval of the curves (default: %(default)s)")
-    p.add_argument("--out", default="modulators.png", help="output PNG (default: %(default)s)")
-    p.add_argument("--pdf", action="store_true", help="also write a PDF next to the PNG")
-    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--out", default="modulators.png", help="output file; its extension picks the format: .png, "
+                   ".pdf, .svg, ... (default: %(default)s)")
+    p.add_argument("--pdf", action="store_true", help="also write a PDF next to it")
+    p.add_argument("--dpi", type=float, default=150, help="resolution of raster formats (default: %(default)s)")
     return p.parse_args(argv)
 
 
 def run(args: argparse.Namespace) -> List[str]:
+    check_figure_output(args.out, args.dpi)
+    check_finite("--x-range", args.x_range)
     low, high = args.x_range
     if not low < high:
         raise UserError(f"--x-range needs LOW < HIGH, got {low:g} {high:g}")

@@ -29,7 +29,7 @@ from engine.attn_stats import multimodality, sparsity  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
-    figure_script_main,
+    figure_script_main, check_figure_output, check_finite,
     ModulatorParams, SimplexSeries, modulator_curve, modulators_from_state_dict, save_figure,
     short_name, simplex_figure,
 )
@@ -145,9 +145,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     p.add_argument("--x2", type=float, nargs="+", default=list(DEFAULT_X2),
                    help="second entries of the inputs (10, x2, -1) (default: %(default)s)")
     p.add_argument("--eps", type=float, default=0.0, help="ε of the S/M definitions (default: 0, the paper's)")
-    p.add_argument("--out", default="simplex.png", help="output PNG (default: %(default)s)")
-    p.add_argument("--pdf", action="store_true", help="also write a PDF next to the PNG")
-    p.add_argument("--dpi", type=int, default=150)
+    p.add_argument("--out", default="simplex.png", help="output file; its extension picks the format: .png, .pdf, "
+                   ".svg, ... (default: %(default)s)")
+    p.add_argument("--pdf", action="store_true", help="also write a PDF next to it")
+    p.add_argument("--dpi", type=float, default=150, help="resolution of raster formats (default: %(default)s)")
     return p.parse_args(argv)
 
 
@@ -167,6 +168,10 @@ def _modulator_from_args(args: argparse.Namespace) -> Optional[Tuple[str, Modula
 
 
 def run(args: argparse.Namespace) -> List[str]:
+    check_figure_output(args.out, args.dpi)
+    for flag in ("ranges", "ts", "temperatures", "x2"):
+        check_finite(f"--{flag}", getattr(args, flag))
+    check_finite("--eps", [args.eps])
     if any(t <= 0 for t in args.temperatures):
         raise UserError(f"--temperatures must be > 0, got {args.temperatures}")
     modulator = _modulator_from_args(args)

@@ -39,3 +39,23 @@ def write_idx_dataset(root, n_train=96, n_test=37, classes=10, seed=0):
 @pytest.fixture(scope="session")
 def fake_fmnist(tmp_path_factory):
     return write_idx_dataset(str(tmp_path_factory.mktemp("fmnist")))
+
+
+def write_image_folder(root, classes=("a", "b", "c", "d", "e"), per_class=3, size=(40, 48), split="val", seed=0):
+    """``root/split/<class>/<i>.png``: random RGB images of ``size`` (h, w), not square, so that
+    evaluation's resize and centre crop matter."""
+    from PIL import Image
+
+    rng = np.random.default_rng(seed)
+    for c in classes:
+        os.makedirs(os.path.join(root, split, c), exist_ok=True)
+        for i in range(per_class):
+            img = (rng.random((*size, 3)) * 255).astype(np.uint8)
+            Image.fromarray(img).save(os.path.join(root, split, c, f"{i}.png"))
+    return root
+
+
+@pytest.fixture(scope="session")
+def image_folder(tmp_path_factory):
+    """Five classes a..e, three 40x48 RGB images each, in ``<root>/val``."""
+    return write_image_folder(str(tmp_path_factory.mktemp("imagefolder")))

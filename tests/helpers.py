@@ -1,5 +1,7 @@
 """Helpers shared by the end-to-end tests: tiny training runs on the fake IDX dataset."""
+import importlib.util
 import os
+import sys
 
 import train
 
@@ -23,3 +25,14 @@ def tiny_overrides(data_root, out_dir, **extra):
 def run_train(args):
     rc = train.main(["--config", os.path.join(ROOT, "configs", "quickstart.yaml"), *args])
     assert rc == 0
+
+
+def load_script(name):
+    """scripts/<name>.py as a module (scripts/ is not a package), loaded once per process."""
+    key = f"{name}_script"
+    if key not in sys.modules:
+        spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "scripts", f"{name}.py"))
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[key] = module
+        spec.loader.exec_module(module)
+    return sys.modules[key]

@@ -1,8 +1,6 @@
-"""Attention backends (explicit, chunked, flex, sdpa, auto) agree; the benchmark runs end to end."""
-import importlib.util
-import json
+"""Attention backends (explicit, chunked, flex, sdpa, auto): they agree, and auto picks the right one."""
 import os
-import sys
+from types import SimpleNamespace
 
 import pytest
 import timm
@@ -17,18 +15,10 @@ from models.attention_kernels import (
 import models.attention_kernels as kernels
 from models.multimax import build_normalizer
 
-ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+from engine.config import load_config
+from helpers import ROOT, load_script
+
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-
-
-def _bench():
-    """scripts/benchmark.py as a module (scripts/ is not a package)."""
-    if "benchmark_script" not in sys.modules:
-        spec = importlib.util.spec_from_file_location("benchmark_script", os.path.join(ROOT, "scripts", "benchmark.py"))
-        module = importlib.util.module_from_spec(spec)
-        sys.modules["benchmark_script"] = module
-        spec.loader.exec_module(module)
-    return sys.modules["benchmark_script"]
 
 
 def _tiny(backend, name="deit_tiny_multimax_patch16_224", **kw):
@@ -81,13 +71,109 @@ def test_kernel_choice(monkeypatch):
     mm, sm = _tiny("auto").blocks[0].attn, _tiny("auto", "deit_tiny_gap_patch16_224").blocks[0].attn
     assert (mm.kernel(cpu), sm.kernel(cpu)) == ("explicit", "sdpa")
     monkeypatch.setattr("models.attention.flex_available", lambda device: True)
-    assert mm.kernel(cuda) == "flex" and mm.kernel(cuda, masked=True) == "explicit"
+    with torch.no_grad():
+        assert mm.kernel(cuda) == "flex" and mm.kernel(cuda, masked=True) == "explicit"
     monkeypatch.setattr("models.attention.flex_available", lambda device: False)
-    assert mm.kernel(cuda) == "explicit"  # the fallback
+    with torch.no_grad():
+        assert mm.kernel(cuda) == "explicit"  # the fallback
     m = _tiny("chunked")
     assert m.blocks[0].attn.kernel(cuda) == "chunked"
     with record_attention(m):
         assert m.blocks[0].attn.kernel(cpu) == "explicit"
+
+
+def test_auto_trains_with_flex_only_where_its_backward_is_proven(monkeypatch):
+    """On a (mocked) CUDA device with flex usable: inference takes flex; training takes the
+    explicit path unless this torch's version is in FLEX_TRAINING_PROVEN. The forward calls
+    the kernel the choice names."""
+    m = _tiny("auto")
+    version = ".".join(torch.__version__.split(".")[:2])
+    assert version not in kernels.FLEX_TRAINING_PROVEN  # nothing proven on a GPU for this torch yet
+    monkeypatch.setattr("models.attention.flex_available", lambda device: True)
+    monkeypatch.setattr(MultiMaxAttention, "_weight_device", lambda self: torch.device("cuda", 0))
+    called = []
+    for name in ("flex_attention_with", "modulated_attention"):
+        real = getattr(kernels, name)
+        monkeypatch.setattr(f"models.attention.{name}", lambda *a, _n=name, _f=real, **kw: called.append(_n) or _f(*a, **kw))
+    monkeypatch.setattr(kernels, "flex_available", lambda device: True)  # runs flex's CPU forward inside
+    x = torch.randn(2, 3, 32, 32)
+    m(x).sum().backward()
+    assert called == ["modulated_attention"] * 2 and m.blocks[0].attn.kernel(torch.device("cuda")) == "explicit"
+    called.clear()
+    with torch.no_grad():
+        m.eval()(x)
+    assert called == ["flex_attention_with"] * 2
+    monkeypatch.setattr(kernels, "FLEX_TRAINING_PROVEN", (version,))
+    assert m.train().blocks[0].attn.kernel(torch.device("cuda")) == "flex"
+    # dropout while training, or a mask, keep the explicit path whatever is proven
+    drop = _tiny("auto", attn_drop_rate=0.1).blocks[0].attn
+    assert drop.kernel(torch.device("cuda")) == "explicit"
+    assert m.blocks[0].attn.kernel(torch.device("cuda"), masked=True) == "explicit"
+
+
+@pytest.mark.parametrize("size", ["tiny", "small", "base"])
+def test_multimax_presets_compile_the_explicit_training_path(size):
+    """Where auto trains MultiMax with the explicit path (flex not proven), the presets compile it."""
+    cfg = load_config(os.path.join(ROOT, "configs", f"deit_{size}_multimax.yaml"))
+    assert cfg.train.compile and cfg.model.attn_backend == "auto"
+    # the model name decides the normalizers (the presets leave them to the registered variant)
+    assert "_multimax_" in cfg.model.name and cfg.model.attn_normalizer in (None, "multimax")
+
+
+def test_chunk_rows_follow_each_devices_memory_budget(monkeypatch):
+    """DeiT-B at batch 128 (12 heads, 196 tokens): a few chunks per layer on GPUs of 16 to
+    80 GB and at least MIN_CHUNK_ROWS rows on CPU, never one row per chunk."""
+    bh, n = 128 * 12, 196
+    row_bytes = 4 * bh * n
+    for gib, max_chunks in [(80, 2), (40, 3), (16, 8)]:
+        monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i, _g=gib: SimpleNamespace(total_memory=_g * 2**30))
+        budget = kernels.chunk_budget_bytes(torch.device("cuda", 0))
+        assert budget == gib * 2**30 // 512
+        rows = kernels.chunk_rows(bh, n, n, budget)
+        chunks = -(-n // rows)
+        assert chunks <= max_chunks and rows * row_bytes <= budget, (gib, rows)
+        assert rows * chunks - n < chunks  # the chunks are even: none is a short remainder
+    cpu_rows = kernels.chunk_rows(bh, n, n, kernels.chunk_budget_bytes(torch.device("cpu")))
+    assert cpu_rows >= kernels.MIN_CHUNK_ROWS and -(-n // cpu_rows) <= 13
+    # where the budget fits more than the minimum, it decides: one DeiT-S layer at 1024 tokens, batch 4
+    assert kernels.chunk_rows(4 * 6, 1024, 1024, kernels.CPU_CHUNK_BYTES) == 21
+    assert kernels.chunk_rows(4, 8, 8, kernels.CPU_CHUNK_BYTES) == 8  # short sequences: one chunk
+
+
+def test_cuda_chunk_budget_traces_as_a_constant(monkeypatch):
+    """Compiled, the device's memory is read once at trace time, not a graph break per layer."""
+    monkeypatch.setattr(torch.cuda, "get_device_properties", lambda i: SimpleNamespace(total_memory=2**36))
+    explain = torch._dynamo.explain(lambda x: x * kernels.chunk_budget_bytes(torch.device("cuda", 0)))(torch.ones(2))
+    assert explain.graph_break_count == 0
+
+
+def test_float16_scales_q_before_the_product():
+    """In float16, q·kᵀ before the 1/√d scale overflows (> 65504) where timm's order (scale q
+    first) does not: the explicit path follows timm's, with and without gradients."""
+    g = torch.Generator().manual_seed(0)
+    q, k, v = (torch.randn(1, 2, 40, 64, generator=g) * s for s in (60, 60, 1))
+    assert (q @ k.transpose(-2, -1)).abs().max() > 65504 > (q * 0.125 @ k.transpose(-2, -1)).abs().max()
+    mod = ScoreModulation.of(_normalizer())
+    q, k, v = (t.half().requires_grad_() for t in (q, k, v))
+    out = modulated_attention(q, k, v, mod, 0.125)
+    ref = modulated_softmax((q * 0.125) @ k.transpose(-2, -1), mod) @ v  # timm's order
+    assert out.dtype == torch.float16
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    # scores this large make the softmax one-hot, so the gradients are ill-conditioned: finite is the point
+    assert all(torch.isfinite(g).all() for g in _grads(out, [q, k, v, *mod.params]))
+    with torch.no_grad():
+        torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.125), ref, rtol=2e-3, atol=2e-3)
+
+
+def test_float16_gradients_with_q_scaled_first():
+    """The float16 branch's backward (q scaled before the product) against autograd."""
+    mod = ScoreModulation.of(_normalizer())
+    q, k, v = (t.detach().half().requires_grad_() for t in _qkv(d=64))
+    out = modulated_attention(q, k, v, mod, 0.125)
+    ref = modulated_softmax((q * 0.125) @ k.transpose(-2, -1), mod) @ v
+    torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
+    for label, a, b in zip("q k v ranges ts".split(), _grads(out, [q, k, v, *mod.params]), _grads(ref, [q, k, v, *mod.params])):
+        assert (a.float() - b.float()).norm() <= 0.01 * b.float().norm(), label
 
 
 @pytest.mark.parametrize("backend", ["chunked", "flex", "auto"])
@@ -263,7 +349,7 @@ def test_softmax_temperature_kernels_match_sdpa():
 
 
 def test_chunked_peak_memory_is_a_fraction_of_explicit():
-    bench = _bench()
+    bench = load_script("benchmark")
     norm = _normalizer()
     mod = ScoreModulation.of(norm)
     q, k, v = _qkv(b=1, h=2, n=512, d=16)
@@ -280,7 +366,7 @@ def test_chunked_peak_memory_is_a_fraction_of_explicit():
 
 
 def test_live_tensor_counter():
-    bench = _bench()
+    bench = load_script("benchmark")
     with bench.LiveTensorBytes() as tracker:
         a = torch.empty(1000, 1000)  # 4 MB
         b = a.view(-1)[:10]  # a view: no new storage
@@ -350,14 +436,49 @@ def test_flex_forward_and_gradients_match_explicit_on_cuda(normalizer):
 
 
 @CUDA
-def test_auto_uses_flex_on_cuda_and_matches_explicit():
+def test_auto_on_cuda_matches_explicit():
+    """auto on a GPU: flex for inference (where flex is usable), for training only where its
+    backward is proven; either way the explicit path's outputs and gradients."""
     torch.manual_seed(0)
     a, b = _tiny("explicit").cuda(), _tiny("auto").cuda()
     b.load_state_dict(a.state_dict())
-    expected = "flex" if flex_available(torch.device("cuda")) else "explicit"
-    assert b.blocks[0].attn.kernel(torch.device("cuda")) == expected
+    cuda, usable = torch.device("cuda"), flex_available(torch.device("cuda"))
     x = torch.randn(2, 3, 32, 32, device="cuda")
-    torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
+    with torch.no_grad():
+        assert b.blocks[0].attn.kernel(cuda) == ("flex" if usable else "explicit")
+        torch.testing.assert_close(b(x), a(x), rtol=1e-4, atol=1e-4)
+    assert b.blocks[0].attn.kernel(cuda) == ("flex" if usable and kernels.flex_training_proven() else "explicit")
+    ya, yb = a(x), b(x)
+    torch.testing.assert_close(yb, ya, rtol=1e-4, atol=1e-4)
+    for (n, _), ga, gb in zip(a.named_parameters(), torch.autograd.grad(ya.sum(), list(a.parameters())),
+                              torch.autograd.grad(yb.sum(), list(b.parameters()))):
+        torch.testing.assert_close(gb, ga, rtol=1e-3, atol=1e-4, msg=n)
+
+
+@CUDA
+@pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+def test_compiled_model_trains_with_flex_on_cuda(dtype):
+    """The model compiled as train.compile compiles it, flex inside: Inductor lowers flex's
+    backward with our score_mod (what FLEX_TRAINING_PROVEN rests on) and matches explicit."""
+    if not flex_available(torch.device("cuda")):
+        pytest.skip("flex attention unusable on this GPU install")
+    torch.manual_seed(0)
+    a, b = _tiny("explicit", modulator_init="zeros").cuda(), _tiny("flex", modulator_init="zeros").cuda()
+    with torch.no_grad():
+        for m in (a, b):
+            for i, blk in enumerate(m.blocks):
+                blk.attn.normalizer.modulator.ts.copy_(torch.tensor([0.3, -0.2, 0.1, 0.05]) * (i + 1))
+    b.load_state_dict(a.state_dict())
+    compiled = torch.compile(b)
+    x = torch.randn(4, 3, 32, 32, device="cuda")
+    autocast = torch.autocast("cuda", dtype=torch.bfloat16, enabled=dtype == "bf16")
+    with autocast:
+        ya, yb = a(x), compiled(x)
+    tol, grad_tol = (1e-3, 1e-2) if dtype == "fp32" else (5e-2, 1e-1)  # bf16: the products round differently
+    torch.testing.assert_close(yb, ya, rtol=tol, atol=tol)
+    for (n, _), ga, gb in zip(a.named_parameters(), torch.autograd.grad(ya.float().sum(), list(a.parameters())),
+                              torch.autograd.grad(yb.float().sum(), list(b.parameters()))):
+        assert (gb - ga).norm() <= grad_tol * ga.norm() + 1e-6, n
 
 
 @CUDA
@@ -369,80 +490,3 @@ def test_chunked_matches_explicit_on_cuda():
     torch.testing.assert_close(out, ref, rtol=1e-4, atol=1e-5)
     for a, b in zip(_grads(out, [q, k, v, *norm.parameters()]), _grads(ref, [q, k, v, *norm.parameters()])):
         torch.testing.assert_close(a, b, rtol=1e-3, atol=1e-4)
-
-
-# ----------------------------------------------------------------------------- benchmark script
-
-def test_benchmark_end_to_end(tmp_path):
-    bench = _bench()
-    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
-    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--attn-normalizer", "multimax", "softmax",
-                     "--backend", "auto", "chunked", "--mode", "train", "infer", "--batch-size", "4",
-                     "--warmup", "1", "--repeats", "2", "--steps", "1", "--threads", "1",
-                     "--out-json", str(out_json), "--out-md", str(out_md)])
-    assert rc == 0
-    data = json.loads(out_json.read_text())
-    rows = data["throughput"]
-    assert len(rows) == 8 and data["machine"]["torch"] == torch.__version__
-    for r in rows:
-        assert len(r["times"]) == 2 and r["img_per_s"] > 0 and r["peak_extra_mb"] is not None
-        baseline = rows[r["baseline"]]
-        assert baseline["attn"] == "softmax" and baseline["variant"]["mode"] == r["variant"]["mode"]
-    assert {r["kernel"] for r in rows} == {"explicit", "sdpa", "chunked"}
-    md = out_md.read_text()
-    assert md.count("| vit_micro_multimax_patch7_28 |") == 8 and "× baseline" in md
-
-
-def test_benchmark_optimizer_variants(tmp_path):
-    """--optim-impl is a variant axis of train steps only; each optimizer is its own baseline."""
-    bench = _bench()
-    out_json = tmp_path / "o.json"
-    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--attn-normalizer", "softmax", "multimax",
-                     "--optim-impl", "loop", "auto", "--mode", "train", "infer", "--batch-size", "2",
-                     "--warmup", "1", "--repeats", "1", "--steps", "1", "--threads", "1", "--no-memory",
-                     "--out-json", str(out_json)])
-    assert rc == 0
-    rows = json.loads(out_json.read_text())["throughput"]
-    train = [(r["attn"], r["optimizer"]) for r in rows if r["variant"]["mode"] == "train"]
-    assert sorted(train) == [("multimax", "fused"), ("multimax", "loop"), ("softmax", "fused"), ("softmax", "loop")]
-    assert [r["optimizer"] for r in rows if r["variant"]["mode"] == "infer"] == ["–", "–"]
-    for r in rows:
-        assert rows[r["baseline"]]["optimizer"] == r["optimizer"] and rows[r["baseline"]]["attn"] == "softmax"
-
-
-def test_benchmark_memory_preset(tmp_path):
-    bench = _bench()
-    out_json = tmp_path / "m.json"
-    rc = bench.main(["--preset", "memory", "--model", "vit_micro_multimax_patch7_28", "--img-size", "28",
-                     "--compile", "off", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-rss",
-                     "--out-json", str(out_json)])
-    assert rc == 0
-    rows = json.loads(out_json.read_text())["attention_memory"]
-    assert [r["kernel"] for r in rows] == ["sdpa", "explicit", "chunked"]
-    assert all(r["peak_mb"] > 0 and r["spec"]["tokens"] == 16 for r in rows) and rows[1]["ratio"] == 1.0
-
-
-def test_benchmark_rss_probe():
-    bench = _bench()
-    spec = bench.LayerSpec("vit_micro_multimax_patch7_28", "multimax", "explicit", False, 8, 256, "fp32")
-    # explicit MultiMax at 256 tokens, batch 8, 4 heads: one fp32 score tensor is 8 MiB, and the
-    # scores, the probabilities and their gradients are all materialised
-    assert bench._rss_probe(spec) > 3 * 8
-
-
-def test_benchmark_user_errors(capsys):
-    bench = _bench()
-    assert bench.main(["--model", "no_such_model", "--repeats", "1"]) == 2
-    assert "no_such_model" in capsys.readouterr().err
-    if not torch.cuda.is_available():
-        assert bench.main(["--device", "cuda"]) == 2
-        assert "CUDA is not available" in capsys.readouterr().err
-
-
-def test_median_ci_brackets_the_median():
-    bench = _bench()
-    xs = [1.0 + 0.01 * ((7 * i) % 41) for i in range(41)]  # 1.00 … 1.40, shuffled
-    lo, hi = bench.median_ci(xs)
-    assert lo < sorted(xs)[20] < hi
-    assert (lo, hi) == (sorted(xs)[14], sorted(xs)[26])  # ranks 20.5 ∓ 6.3 of 41
-    assert bench.median_ci([1.2]) == (1.2, 1.2)

@@ -9,23 +9,28 @@ import timm
 import torch
 import yaml
 
-import models  # noqa: F401  (registers the MultiMax/GAP ViTs with timm)
+import models  # registers the MultiMax/GAP ViTs with timm
 from engine.config import (CLI, Config, apply_overrides, config_from_yaml_text, config_to_dict, dump_config,
                            effective_lr, load_config, resolve_config)
 from engine.errors import UserError
+from engine.model import build_model
+from helpers import run_train, tiny_overrides
+from timm.models import model_entrypoint
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(ROOT, "configs")
+# configs/sweeps/ holds sweep files of scripts/sweep.py, not run configs (tests/test_sweep.py loads them)
 PRESETS = sorted(p for p in glob.glob(os.path.join(CONFIGS, "**", "*.yaml"), recursive=True)
-                 if not os.path.basename(p).startswith("_"))
+                 if not os.path.basename(p).startswith("_") and not os.path.relpath(p, CONFIGS).startswith("sweeps"))
 DEIT = [os.path.join(CONFIGS, f"deit_{size}_{kind}.yaml") for size in ("tiny", "small", "base")
         for kind in ("gap", "multimax")]
 
 # The DeiT ImageNet-1k recipe (Touvron et al., 2021), as dotted key -> value.
 DEIT_RECIPE = {
     "train.epochs": 300, "optim.opt": "adamw", "optim.lr": 5e-4, "optim.scale_lr": True,
-    "optim.lr_base_batch": 512, "optim.weight_decay": 0.05, "optim.sched": "cosine",
+    "optim.lr_base_batch": 512, "optim.weight_decay": 0.05, "optim.sched": "cosine_epoch",
     "optim.warmup_epochs": 5.0, "optim.warmup_lr": 1e-6, "optim.min_lr": 1e-5, "model.drop_path_rate": 0.1,
+    "model.drop_rate": 0.0, "model.pos_drop_rate": 0.0, "model.proj_drop_rate": 0.0, "model.attn_drop_rate": 0.0,
     "data.auto_augment": "rand-m9-mstd0.5-inc1", "data.color_jitter": 0.3, "data.mixup": 0.8,
     "data.cutmix": 1.0, "data.mixup_prob": 1.0, "data.mixup_switch_prob": 0.5, "data.mixup_mode": "batch",
     "data.smoothing": 0.1, "data.reprob": 0.25, "data.remode": "pixel", "data.recount": 1,
@@ -78,11 +83,91 @@ def test_deit_presets_follow_the_deit_recipe(path):
         assert get(cfg, key) == value, key
     size, kind = os.path.basename(path)[:-5].split("_")[1:]
     assert cfg.model.name == f"deit_{size}_{kind}_patch16_224"
+    assert (cfg.model.attn_normalizer, cfg.model.out_normalizer) == (None, None)  # the name decides
     normalizer = "multimax" if kind == "multimax" else "softmax"
-    assert (cfg.model.attn_normalizer, cfg.model.out_normalizer) == (normalizer, normalizer)
+    assert built_normalizers(cfg) == (normalizer, normalizer)
     resolved = resolve_config(cfg, world_size=8)["resolved"]
     assert resolved["global_batch"] == 1024
     assert math.isclose(resolved["effective_lr"], 1e-3, rel_tol=1e-12)
+
+
+# ------------------------------------------------------------------ what a model name builds
+
+OUR_MODELS = sorted(n for n in timm.list_models() if model_entrypoint(n).__module__ == models.vision_transformer.__name__)
+
+
+def built_normalizers(cfg: Config):
+    """(attention, output) normalizers of the model ``cfg`` builds, as the model reports them and
+    as its layers are: built on the meta device (no memory, no init cost)."""
+    with torch.device("meta"):
+        model = build_model(cfg.model, 10, 3)
+    attn = {b.attn.normalizer.name for b in model.blocks}
+    assert len(attn) == 1 and attn == {model.attn_normalizer}
+    assert (model.out_modulator is not None) == (model.out_normalizer == "multimax")
+    return model.attn_normalizer, model.out_normalizer
+
+
+def test_our_models_are_found():
+    assert len([n for n in OUR_MODELS if "_gap_" in n]) == len([n for n in OUR_MODELS if "_multimax_" in n]) == 4
+
+
+@pytest.mark.parametrize("name", OUR_MODELS)
+def test_every_model_name_builds_its_own_variant_unless_the_config_says_otherwise(name):
+    size = ["model.img_size=28"] if name.startswith("vit_micro") else []
+    variant = "softmax" if "_gap_" in name else "multimax"
+    for path in (None, os.path.join(CONFIGS, "quickstart.yaml"), os.path.join(CONFIGS, "deit_small_multimax.yaml")):
+        assert built_normalizers(load_config(path, [f"model.name={name}", *size])) == (variant, variant), path
+    explicit = load_config(None, [f"model.name={name}", *size, "model.attn_normalizer=sparsemax",
+                                  "model.out_normalizer=multimax"])
+    assert built_normalizers(explicit) == ("sparsemax", "multimax")
+
+
+def test_a_multimax_preset_renamed_to_gap_trains_the_softmax_baseline(tmp_path):
+    child = write(tmp_path, "baseline.yaml", f"_base_: {os.path.join(CONFIGS, 'deit_small_multimax.yaml')}\n"
+                                             "model:\n  name: deit_small_gap_patch16_224\n")
+    assert built_normalizers(load_config(child)) == ("softmax", "softmax")
+    child = write(tmp_path, "mm.yaml", f"_base_: {os.path.join(CONFIGS, 'deit_small_gap.yaml')}\n"
+                                       "model:\n  name: deit_small_multimax_patch16_224\n")
+    assert built_normalizers(load_config(child)) == ("multimax", "multimax")
+
+
+@pytest.mark.parametrize("ablation, built", [
+    ("attention_only", ("multimax", "softmax")), ("output_only", ("softmax", "multimax")),
+    ("sparsemax", ("sparsemax", "softmax")), ("entmax15", ("entmax15", "softmax")),
+    ("evsoftmax", ("evsoftmax", "softmax")), ("softmax_temperature", ("softmax", "softmax")),
+    ("first_order", ("multimax", "multimax")), ("zero_init", ("multimax", "multimax")),
+])
+def test_ablations_build_the_mix_they_name(ablation, built):
+    assert built_normalizers(load_config(os.path.join(CONFIGS, "ablations", f"{ablation}.yaml"))) == built
+
+
+def test_the_run_records_the_normalizers_it_built(fake_fmnist, tmp_path):
+    """A run of a *_gap_* name with the normalizers left to the name writes softmax into its
+    config.yaml and checkpoints, and the same command resumes against that record."""
+    out = str(tmp_path / "gap")
+    args = tiny_overrides(fake_fmnist, out, **{"model.name": "vit_micro_gap_patch7_28", "train.max_steps_per_epoch": 1,
+                                              "data.max_val_samples": 8})
+    run_train([*args, "train.stop_after_epochs=1"])
+    with open(os.path.join(out, "config.yaml")) as f:
+        saved = yaml.safe_load(f)["model"]
+    assert (saved["attn_normalizer"], saved["out_normalizer"]) == ("softmax", "softmax")
+    ckpt = torch.load(os.path.join(out, "last.pth"), weights_only=True)
+    stored = config_from_yaml_text(ckpt["config"]).model
+    assert (stored.attn_normalizer, stored.out_normalizer) == ("softmax", "softmax")
+    assert not any("modulator" in k for k in ckpt["model"])
+    run_train(args)  # resumes: the recorded normalizers are what the same config builds
+    assert torch.load(os.path.join(out, "last.pth"), weights_only=True)["epoch"] == 1
+
+
+def test_dropout_keys_reach_their_layers():
+    cfg = load_config(None, ["model.pos_drop_rate=0.1", "model.proj_drop_rate=0.2", "model.attn_drop_rate=0.3",
+                             "model.drop_rate=0.4"])
+    with torch.device("meta"):
+        m = build_model(cfg.model, 10, 1)
+    block = m.blocks[0]
+    assert m.pos_drop.p == 0.1 and m.head_drop.p == 0.4 and block.attn.attn_drop.p == 0.3
+    assert block.attn.proj_drop.p == block.mlp.drop1.p == block.mlp.drop2.p == 0.2
+    assert "model.proj_drop_rate" in error(None, ["model.proj_drop_rate=1.5"])
 
 
 def test_ablations_change_only_what_they_are_about():
@@ -234,3 +319,39 @@ def test_override_without_equals_sign():
     assert error(None, ["optim.lr"]) == (
         "override 'optim.lr' must look like key=value (e.g. optim.lr=1e-3)")
     assert "key=value" in error(None, ["=3"])
+
+
+@pytest.mark.parametrize("name, suggestion", [
+    ("fashion_mnsit", "fashion_mnist"), ("cifar10", "torch/cifar10"), ("imagefoldr", "imagefolder"),
+    ("torch/cifar01", "torch/cifar10"), ("ImageFolders", "imagefolder"),
+])
+def test_unknown_dataset_names_get_a_suggestion(name, suggestion, tmp_path):
+    msg = error(None, [f"data.dataset={name}"])
+    assert f"data.dataset = '{name}'" in msg and f"did you mean '{suggestion}'" in msg and CLI in msg
+    msg = error(write(tmp_path, "d.yaml", f"data:\n  dataset: {name}\n"))
+    assert "d.yaml" in msg and suggestion in msg
+    assert "streaming" in error(None, ["data.dataset=wds/shards"])
+    for ok in ("fashion_mnist", "Fashion-MNIST", "imagefolder", "image_folder", "torch/CIFAR10", "hfds/user/set"):
+        assert load_config(None, [f"data.dataset={ok}"]).data.dataset == ok
+
+
+def test_tilde_in_path_keys_is_the_home_directory(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path))
+    cfg = load_config(write(tmp_path, "p.yaml", "data:\n  root: ~/imagenet\nmodel:\n  init_checkpoint: ~/w.pth\n"),
+                      ["train.output_dir=~/runs/a", "train.resume=~/old/last.pth"])
+    assert cfg.data.root == str(tmp_path / "imagenet") and cfg.model.init_checkpoint == str(tmp_path / "w.pth")
+    assert cfg.train.output_dir == str(tmp_path / "runs" / "a") and cfg.train.resume == str(tmp_path / "old" / "last.pth")
+    assert load_config(None, ["data.root=~"]).data.root == str(tmp_path)  # not YAML's null
+    assert load_config(None, ["train.resume=auto"]).train.resume == "auto"
+    assert load_config(None, ["data.auto_augment=~x"]).data.auto_augment == "~x"  # only path keys
+    assert "quote it" in error(write(tmp_path, "null.yaml", "data:\n  root: ~\n"))
+
+
+def test_duplicate_yaml_keys_name_file_line_and_key(tmp_path):
+    msg = error(write(tmp_path, "dup.yaml", "optim:\n  lr: 1.0e-3\n  min_lr: 0.0\n  lr: 2.0e-3\n"))
+    assert "dup.yaml, line 4" in msg and "duplicate key 'lr'" in msg and "line 2" in msg
+    msg = error(write(tmp_path, "sections.yaml", "train:\n  epochs: 3\noptim:\n  lr: 1.0e-3\ntrain:\n  seed: 1\n"))
+    assert "sections.yaml, line 5" in msg and "'train'" in msg
+    assert "duplicate key 'name'" in error(write(tmp_path, "flow.yaml", "model: {name: a, name: b}\n"))
+    # a YAML merge key overrides on purpose and stays allowed
+    assert load_config(write(tmp_path, "merge.yaml", "optim:\n  <<: {lr: 1.0}\n  lr: 2.0e-3\n")).optim.lr == 2e-3

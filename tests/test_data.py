@@ -1,23 +1,26 @@
 """data/: IDX parsing, Fashion-MNIST, ImageFolder (errors, bad-image policy), samplers,
 transforms, loaders, and scripts/prepare_imagenet_val.py. Tiny fake datasets in tmp_path."""
 import gzip
+import hashlib
+import http.server
 import importlib.util
+import json
 import os
 import struct
+import threading
 import warnings
 
 import numpy as np
 import pytest
 import torch
+import torchvision
 from conftest import ROOT, write_idx_dataset
 from PIL import Image
 from torchvision import transforms as T
 
-from data import build_eval_loader, build_loaders, eval_transform, set_epoch
-from data.datasets import (
-    FASHION_MNIST_DEBIAN_DIR, ImageFolderDataset, _download_fashion_mnist, create_dataset, load_fashion_mnist,
-    read_idx,
-)
+from data import build_eval_loader, build_loaders, eval_transform, repeated_aug_copies, set_epoch
+from data import datasets
+from data.datasets import FASHION_MNIST_DEBIAN_DIR, ImageFolderDataset, create_dataset, load_fashion_mnist, read_idx
 from data.samplers import RepeatAugSampler, ShardedEvalSampler
 from data.transforms import train_transform
 from engine.config import DataConfig
@@ -100,14 +103,99 @@ def test_fake_fashion_mnist_splits_and_items(tmp_path):
         load_fashion_mnist(root, "dev")
 
 
-def test_missing_fashion_mnist_says_where_and_how(tmp_path):
+def test_missing_fashion_mnist_says_where_and_how(tmp_path, monkeypatch):
     with pytest.raises(UserError) as e:
         build_loaders(DataConfig(root=str(tmp_path / "nowhere"), **PLAIN), 28, 0, 1, 0)
     msg = str(e.value)
     assert str(tmp_path / "nowhere") in msg and os.path.join("FashionMNIST", "raw") in msg
     assert "apt-get install dataset-fashion-mnist" in msg and "data.download=true" in msg
-    with pytest.raises(UserError, match="data.download=true needs data.root"):
-        _download_fashion_mnist("")
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    with pytest.raises(UserError) as e:
+        load_fashion_mnist("", "train")
+    cache = str(tmp_path / "cache" / "multimax-vit" / "fashion-mnist")
+    assert str(tmp_path / "no-debian") in str(e.value) and f"data.download=true to fetch it (into {cache})" in str(e.value)
+
+
+def test_fashion_mnist_cache_dir_follows_xdg_else_home(tmp_path, monkeypatch):
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    for xdg in (None, "", "relative/cache"):  # unset, empty and relative values are ignored (XDG spec)
+        if xdg is None:
+            monkeypatch.delenv("XDG_CACHE_HOME", raising=False)
+        else:
+            monkeypatch.setenv("XDG_CACHE_HOME", xdg)
+        assert datasets.fashion_mnist_cache_dir() == str(tmp_path / "home" / ".cache" / "multimax-vit" / "fashion-mnist")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert datasets.fashion_mnist_cache_dir() == str(tmp_path / "xdg" / "multimax-vit" / "fashion-mnist")
+
+
+@pytest.fixture
+def fake_download(tmp_path, monkeypatch):
+    """Fashion-MNIST's download without the network: torchvision's FashionMNIST fetches the fake
+    IDX files over HTTP from a server on 127.0.0.1 (its real code path: mirrors, MD5 check,
+    extraction). No Debian directory; the user cache is in tmp_path. Yields the server's request log."""
+    src = write_idx_dataset(str(tmp_path / "served"))
+    resources = []
+    for name in ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz", "t10k-images-idx3-ubyte.gz",
+                 "t10k-labels-idx1-ubyte.gz"):
+        with open(os.path.join(src, name), "rb") as f:
+            resources.append((name, hashlib.md5(f.read()).hexdigest()))
+    requests = []
+
+    class Handler(http.server.SimpleHTTPRequestHandler):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, directory=src, **kwargs)
+
+        def log_message(self, fmt, *args):
+            requests.append(self.path)
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", [f"http://127.0.0.1:{server.server_address[1]}/"])
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "resources", resources)
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "no-debian"))
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    yield requests
+    server.shutdown()
+    thread.join()
+
+
+def test_download_without_root_fetches_into_the_user_cache(fake_download, tmp_path):
+    cfg = DataConfig(root="", download=True, **PLAIN)
+    loaders = build_loaders(cfg, 28, 0, 1, 0)
+    assert len(loaders.train.dataset) == 96 and len(loaders.val.dataset) == 37
+    raw = tmp_path / "cache" / "multimax-vit" / "fashion-mnist" / "FashionMNIST" / "raw"
+    assert (raw / "train-images-idx3-ubyte.gz").is_file() and (raw / "t10k-labels-idx1-ubyte").is_file()
+    fetched = len(fake_download)
+    assert fetched >= 4
+    again = build_loaders(DataConfig(root="", download=False, **PLAIN), 28, 0, 1, 0)  # found in the cache
+    assert torch.equal(again.train.dataset.images, loaders.train.dataset.images) and len(fake_download) == fetched
+
+
+def test_the_quickstart_commands_run_on_a_machine_without_debians_package(fake_download, tmp_path):
+    """`make demo`'s two commands (train.py on the quickstart config, eval.py on its checkpoint), on
+    a machine without /usr/share/datasets/fashion-mnist: the data comes from the (fake) download."""
+    import eval as eval_script
+    import train as train_script
+
+    out = str(tmp_path / "quickstart")
+    args = ["--config", os.path.join(ROOT, "configs", "quickstart.yaml"), "train.resume=none", "train.epochs=1",
+            "train.max_steps_per_epoch=2", "data.batch_size=16", "data.workers=0", "model.kwargs.depth=1",
+            f"train.output_dir={out}"]
+    assert train_script.main(args) == 0
+    assert fake_download and os.path.isdir(tmp_path / "cache" / "multimax-vit" / "fashion-mnist")
+    result = str(tmp_path / "eval.json")
+    assert eval_script.main(["--checkpoint", os.path.join(out, "last.pth"), "--output", result]) == 0
+    with open(result) as f:
+        assert json.load(f)["num_images"] == 37  # the fake test split, read back from the cache
+
+
+def test_failed_download_is_one_line(fake_download, tmp_path, monkeypatch):
+    monkeypatch.setattr(torchvision.datasets.FashionMNIST, "mirrors", ["http://127.0.0.1:9/"])  # nothing listens
+    with pytest.raises(UserError) as e:
+        load_fashion_mnist(str(tmp_path / "dl"), "train", download=True)
+    assert "downloading Fashion-MNIST into" in str(e.value) and "\n" not in str(e.value)
 
 
 # ----------------------------------------------------------------------------- ImageFolder
@@ -225,6 +313,41 @@ def test_repeat_aug_sampler_spreads_copies_over_ranks(world, repeats):
     assert sorted(set().union(*map(set, per_rank))) == sorted(set(dealt))  # union over ranks covers the epoch
 
 
+def test_one_process_never_gets_repeated_augmentation(fake_fmnist):
+    """As in DeiT: a single process samples each image once per epoch (a plain shuffle), and says why."""
+    cfg = DataConfig(root=fake_fmnist, **{**PLAIN, "repeated_aug": 3})
+    with pytest.warns(UserWarning, match=r"data.repeated_aug=3: repeated augmentation is off on a single process"):
+        loaders = build_loaders(cfg, 28, 0, 1, seed=0)
+    assert not isinstance(loaders.train_sampler, RepeatAugSampler)
+    set_epoch(loaders, 1)
+    order = list(loaders.train_sampler)
+    assert sorted(order) == list(range(96)) and order != list(range(96))
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert repeated_aug_copies(1, 1) == 1 and repeated_aug_copies(3, 8) == 3  # nothing to say
+
+
+@pytest.mark.parametrize("world, repeats, copies", [(2, 3, 2), (3, 4, 3), (3, 3, 3), (4, 3, 3)])
+def test_copies_of_an_image_never_share_a_process(fake_fmnist, world, repeats, copies):
+    cfg = DataConfig(root=fake_fmnist, **{**PLAIN, "repeated_aug": repeats})
+    per_rank = []
+    for rank in range(world):
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            loaders = build_loaders(cfg, 28, rank, world, seed=0)
+        said = [str(w.message) for w in caught if "repeated_aug" in str(w.message)]
+        assert len(said) == (1 if rank == 0 and copies < repeats else 0), said  # rank 0 says it, once
+        if said:
+            assert f"makes {copies} copies per image on {world} processes" in said[0]
+        assert loaders.train_sampler.num_repeats == copies
+        set_epoch(loaders, 2)
+        per_rank.append(list(loaders.train_sampler))
+        assert len(set(per_rank[-1])) == len(per_rank[-1])  # no image twice on one process
+    seen = [i for order in per_rank for i in order]
+    counts = {i: seen.count(i) for i in set(seen)}
+    assert max(counts.values()) == copies and len(seen) == world * (96 // world)
+
+
 def test_repeat_aug_sampler_epoch_length_not_divisible():
     lens = [len(list(RepeatAugSampler(range(50), 3, r, num_repeats=3))) for r in range(3)]
     assert lens == [16, 16, 16]
@@ -247,27 +370,28 @@ def test_sharded_eval_sampler_exact_cover(world):
 # ----------------------------------------------------------------------------- loaders
 
 def test_train_loader_drop_last_and_val_exact(fake_fmnist):
-    for repeated in (1, 3):  # DistributedSampler, RepeatAugSampler
-        cfg = DataConfig(root=fake_fmnist, **{**PLAIN, "batch_size": 16, "repeated_aug": repeated})
-        loaders = build_loaders(cfg, 28, 0, 1, seed=0)
-        sizes = [len(y) for _, y in loaders.train]
-        assert sizes == [16] * (96 // 16) and len(loaders.train) == len(sizes)
-        assert loaders.val.batch_size == 24 and sum(len(y) for _, y in loaders.val) == 37
-    cfg = DataConfig(root=fake_fmnist, **{**PLAIN, "batch_size": 10})
-    two = [build_loaders(cfg, 28, rank, 2, seed=0) for rank in range(2)]
-    assert [len(lo.train) for lo in two] == [4, 4]  # 48 samples per rank, batch 10, drop_last
+    cfg = DataConfig(root=fake_fmnist, **{**PLAIN, "batch_size": 16})
+    loaders = build_loaders(cfg, 28, 0, 1, seed=0)
+    sizes = [len(y) for _, y in loaders.train]
+    assert sizes == [16] * (96 // 16) and len(loaders.train) == len(sizes)
+    assert loaders.val.batch_size == 24 and sum(len(y) for _, y in loaders.val) == 37
+    for repeated in (1, 2):  # DistributedSampler, RepeatAugSampler
+        cfg = DataConfig(root=fake_fmnist, **{**PLAIN, "batch_size": 10, "repeated_aug": repeated})
+        two = [build_loaders(cfg, 28, rank, 2, seed=0) for rank in range(2)]
+        assert [len(lo.train) for lo in two] == [4, 4]  # 48 samples per rank, batch 10, drop_last
+        assert isinstance(two[0].train_sampler, RepeatAugSampler) == (repeated == 2)
     val_labels = [int(y) for lo in two for _, ys in lo.val for y in ys]
     assert len(val_labels) == 37
 
 
 def test_default_deit_recipe_batch(fake_fmnist):
     """The full DeiT data recipe (RandAugment, erasing, repeated aug, mixup/cutmix) on 'L' images."""
-    loaders = build_loaders(DataConfig(root=fake_fmnist, workers=0, batch_size=16), 28, 0, 1, seed=1)
+    loaders = build_loaders(DataConfig(root=fake_fmnist, workers=0, batch_size=16), 28, 0, 3, seed=1)
     set_epoch(loaders, 0)
     x, y = next(iter(loaders.train))
     x, soft = loaders.mixup_fn(x, y)
     assert x.shape == (16, 1, 28, 28) and soft.shape == (16, 10)
-    assert isinstance(loaders.train_sampler, RepeatAugSampler) and len(loaders.train) == 96 // 16
+    assert isinstance(loaders.train_sampler, RepeatAugSampler) and len(loaders.train) == 96 // 3 // 16
 
 
 def test_loader_with_workers_matches_in_process(fake_fmnist):
@@ -318,6 +442,9 @@ def test_eval_loader_and_timm_factory(tmp_path, fake_fmnist):
     assert next(iter(loaders.val))[0].shape == (2, 3, 8, 8)
     with pytest.raises(UserError, match="'torch/cifar10'"):
         build_loaders(DataConfig(dataset="torch/cifar10", root=str(tmp_path / "c"), **PLAIN), 32, 0, 1, 0)
+    # a misspelt name never falls through to timm's folder reader (which ignores the name)
+    with pytest.raises(UserError, match="did you mean 'imagefolder'"):
+        build_loaders(DataConfig(dataset="imagefoldr", root=root, **PLAIN), 8, 0, 1, 0)
 
 
 @pytest.mark.skipif(not os.path.isdir(FASHION_MNIST_DEBIAN_DIR), reason="Debian dataset-fashion-mnist not installed")

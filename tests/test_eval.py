@@ -1,6 +1,8 @@
-"""eval.py: reproduces training's evaluation, exact under DDP, foreign formats, statistics, errors."""
+"""eval.py on our checkpoints: reproduces training's evaluation, exact under DDP, statistics, the
+whole split, class names checked, directories of checkpoints, result names, clear errors."""
 import json
 import os
+import shutil
 import subprocess
 import sys
 
@@ -10,7 +12,12 @@ import torch
 
 import eval as evaluate_script
 import models  # noqa: F401
+from conftest import write_image_folder
+from data import build_eval_loader
+from data.datasets import FashionMNIST
+from engine.config import config_from_yaml_text, dump_config, load_config
 from engine.logger import read_jsonl
+from engine.model import build_model
 from helpers import ROOT, run_train, tiny_overrides
 
 
@@ -23,6 +30,18 @@ def trained_run(fake_fmnist, tmp_path_factory):
 
 def run_eval(*args):
     return evaluate_script.main([str(a) for a in args])
+
+
+def one_line_error(capsys, *args):
+    capsys.readouterr()
+    try:
+        rc = run_eval(*args)
+    except SystemExit as e:  # argument errors
+        rc = e.code
+    assert rc == 2
+    err = capsys.readouterr().err.strip()
+    assert err.startswith("eval.py: error:") and len(err.splitlines()) == 1 and "Traceback" not in err, err
+    return err
 
 
 def test_eval_reproduces_training_log(trained_run, tmp_path):
@@ -87,8 +106,7 @@ def _micro_state(kind):
             k = k.replace(".normalizer.modulator.", ".").replace("out_modulator.", "")
             sd[k] = v
         return {"model": sd, "epoch": 10}
-    src = timm.create_model("deit_tiny_patch16_224", img_size=28, patch_size=7, in_chans=1, embed_dim=64,
-                            depth=4, num_heads=4, num_classes=10)
+    src = timm.create_model("vit_micro_gap_patch7_28", qkv_bias=True)  # a softmax GAP model saved by other code
     return {"model": src.state_dict()}
 
 
@@ -105,35 +123,156 @@ def test_foreign_checkpoints_evaluate(fake_fmnist, tmp_path, kind, model):
     res = json.loads(out.read_text())
     assert res["num_images"] == 37 and res["weights"]["source"] == kind
     assert res["preprocessing"]["mean"] == [0.5] and res["preprocessing"]["crop_pct"] == 1.0
-    if kind == "timm":
-        assert res["model_config"]["qkv_bias"] is True and "cls_token" in res["weights"]["dropped"]
+    assert res["model_config"]["qkv_bias"] is (kind == "timm")  # read off the weights
 
 
-def test_directory_of_checkpoints(trained_run, tmp_path):
+def test_checkpoints_record_class_names_and_eval_takes_the_whole_split(trained_run, tmp_path):
+    ckpt = torch.load(os.path.join(trained_run, "last.pth"), weights_only=True)
+    assert ckpt["classes"] == list(FashionMNIST.classes)
+    cfg = config_from_yaml_text(ckpt["config"])
+    cfg.data.max_val_samples = 8  # a smoke-run setting of training, not of evaluation
+    ckpt["config"] = dump_config(cfg)
+    torch.save(ckpt, tmp_path / "subset.pth")
+    assert run_eval("--checkpoint", tmp_path / "subset.pth", "--output", tmp_path / "all.json") == 0
+    assert json.loads((tmp_path / "all.json").read_text())["num_images"] == 37
+    assert run_eval("--checkpoint", tmp_path / "subset.pth", "--output", tmp_path / "five.json",
+                    "data.max_val_samples=5") == 0
+    res = json.loads((tmp_path / "five.json").read_text())
+    assert res["num_images"] == 5 and res["dataset"]["max_samples"] == 5
+
+
+@pytest.fixture(scope="module")
+def folder_checkpoint(tmp_path_factory):
+    """A GAP micro ViT trained (so to speak) on an ImageFolder with classes a..e."""
+    d = tmp_path_factory.mktemp("folder_ckpt")
+    root = write_image_folder(str(d / "data"))
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"),
+                      ["model.name=vit_micro_gap_patch7_28", "model.kwargs.depth=1", "data.dataset=imagefolder",
+                       f"data.root={root}", "data.workers=0", "data.mean=[0.5,0.5,0.5]", "data.std=[0.5,0.5,0.5]"])
+    torch.manual_seed(0)
+    model = build_model(cfg.model, 5, 3)
+    path = d / "folder.pth"
+    torch.save({"model": model.state_dict(), "config": dump_config(cfg), "classes": list("abcde")}, path)
+    return str(path), root, cfg
+
+
+def test_a_split_with_other_classes_is_refused(folder_checkpoint, tmp_path, capsys):
+    path, root, _ = folder_checkpoint
+    assert run_eval("--checkpoint", path, "--output", tmp_path / "same.json") == 0  # the same classes
+    other = write_image_folder(str(tmp_path / "other"), classes=("a", "b", "x", "d", "e"))
+    err = one_line_error(capsys, "--checkpoint", path, "--data-root", other)
+    assert "trained on 5 classes, the split has 5; not among the checkpoint's: ['x']" in err
+    fewer = write_image_folder(str(tmp_path / "fewer"), classes=("b", "d"))
+    err = one_line_error(capsys, "--checkpoint", path, "--data-root", fewer)
+    assert "--class-subset" in err
+    # a checkpoint without class names: the counts must agree, the head is never re-initialised
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["classes"] = None
+    torch.save(ckpt, tmp_path / "nameless.pth")
+    err = one_line_error(capsys, "--checkpoint", tmp_path / "nameless.pth", "--data-root", fewer)
+    assert "the model has 5 classes, the split 2" in err
+    err = one_line_error(capsys, "--checkpoint", tmp_path / "nameless.pth", "--data-root", fewer, "--class-subset")
+    assert "matches classes by name" in err
+
+
+def test_a_deliberate_subset_maps_labels_onto_the_checkpoint_s_classes(folder_checkpoint, tmp_path):
+    path, _, cfg = folder_checkpoint
+    fewer = write_image_folder(str(tmp_path / "fewer"), classes=("b", "d"), per_class=4, seed=3)
+    out = tmp_path / "subset.json"
+    assert run_eval("--checkpoint", path, "--data-root", fewer, "--class-subset", "--output", out) == 0
+    res = json.loads(out.read_text())
+    assert res["dataset"]["class_subset"] is True and res["num_images"] == 8
+    # by hand: split label 0 is class 'b' = output 1, label 1 is 'd' = output 3; all 5 outputs compete
+    cfg.data.root = fewer
+    loader, _ = build_eval_loader(cfg.data, cfg.model.img_size, 0, 1)
+    ckpt = torch.load(path, weights_only=True)
+    model = build_model(cfg.model, 5, 3)
+    model.load_state_dict(ckpt["model"])
+    model.eval()
+    hits = 0
+    with torch.no_grad():
+        for x, y in loader:
+            hits += int((model(x).argmax(-1) == torch.tensor([1, 3])[y]).sum())
+    assert res["top1"] == 100 * hits / 8
+
+
+def test_directory_hard_links_once_bad_file_reported_names_never_collide(trained_run, tmp_path, capsys):
     d = tmp_path / "ckpts"
     d.mkdir()
-    for name in ("best.pth", "last.pth"):
-        os.link(os.path.join(trained_run, name), d / name)
-    assert run_eval("--checkpoint", d) == 0
-    assert (d / "best.eval.json").exists() and (d / "last.eval.json").exists()
-    assert len((d / "eval_results.csv").read_text().strip().splitlines()) == 3
+    for name in os.listdir(trained_run):
+        if name.endswith(".pth"):
+            os.link(os.path.join(trained_run, name), d / name)
+    (d / "broken.pth").write_bytes(b"not a checkpoint")
+    inodes = {}
+    for name in sorted(os.listdir(d)):
+        if name != "broken.pth":
+            inodes.setdefault(os.stat(d / name).st_ino, []).append(name)
+    assert len(inodes) < len(os.listdir(d)) - 1  # the run dir does hard-link its checkpoints
+    capsys.readouterr()
+    assert run_eval("--checkpoint", d) == 2  # the bad file makes the run fail, after the others
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 2 and "broken.pth is truncated" in err[0] and "1 of" in err[1]
+    results = sorted(f for f in os.listdir(d) if f.endswith(".eval.json"))
+    assert len(results) == len(inodes)  # each distinct file once
+    for names in inodes.values():
+        res = json.loads((d / f"{os.path.splitext(names[0])[0]}.vit_micro_multimax_patch7_28.fashion_mnist-val.28px"
+                              ".eval.json").read_text())
+        assert sorted(os.path.basename(p) for p in res["same_file"]) == names[1:]
+    assert len((d / "eval_results.csv").read_text().strip().splitlines()) == 1 + len(inodes)
+    # another split and the EMA weights of the same file: new names, nothing overwritten
+    last = d / "last.pth"
+    assert run_eval("--checkpoint", last, "--split", "train") == 0
+    assert run_eval("--checkpoint", last, "--use-ema") == 0
+    names = set(os.listdir(d))
+    assert {"last.vit_micro_multimax_patch7_28.fashion_mnist-train.28px.eval.json",
+            "last_ema.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json"} <= names
+    assert len([f for f in names if f.endswith(".eval.json")]) == len(inodes) + 2
+
+
+def test_output_as_a_directory_or_a_file(trained_run, tmp_path, capsys):
+    last = os.path.join(trained_run, "last.pth")
+    out = tmp_path / "results"
+    out.mkdir()
+    assert run_eval("--checkpoint", last, "--output", out) == 0
+    assert sorted(os.listdir(out)) == ["eval_results.csv",
+                                       "last.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json"]
+    assert run_eval("--checkpoint", last, "--output", str(tmp_path / "new") + os.sep) == 0
+    assert len(os.listdir(tmp_path / "new")) == 2
+    d = tmp_path / "two"
+    d.mkdir()
+    for name in ("a.pth", "b.pth"):
+        shutil.copy(last, d / name)
+    err = one_line_error(capsys, "--checkpoint", d, "--output", tmp_path / "one.json")
+    assert "names one file, but 2 checkpoints" in err and not (tmp_path / "one.json").exists()
+    assert not [f for f in os.listdir(tmp_path) if f.endswith(".tmp")]
 
 
 def test_clear_errors(trained_run, fake_fmnist, tmp_path, capsys):
-    def one_line_error(*args):
-        capsys.readouterr()
-        assert run_eval(*args) == 2
-        err = capsys.readouterr().err.strip()
-        assert err.startswith("eval.py: error:") and "Traceback" not in err
-        return err
-
-    assert "does not exist" in one_line_error("--checkpoint", tmp_path / "nope.pth")
+    assert "does not exist" in one_line_error(capsys, "--checkpoint", tmp_path / "nope.pth")
     data = open(os.path.join(trained_run, "last.pth"), "rb").read()
     (tmp_path / "cut.pth").write_bytes(data[: len(data) // 2])
-    assert "truncated" in one_line_error("--checkpoint", tmp_path / "cut.pth")
+    assert "truncated" in one_line_error(capsys, "--checkpoint", tmp_path / "cut.pth")
     (tmp_path / "text.pth").write_text("hello")
-    assert "cut.pth" not in one_line_error("--checkpoint", tmp_path / "text.pth")
-    err = one_line_error("--checkpoint", os.path.join(trained_run, "last.pth"), "model.kwargs.depth=3")
+    assert "cut.pth" not in one_line_error(capsys, "--checkpoint", tmp_path / "text.pth")
+    last = os.path.join(trained_run, "last.pth")
+    err = one_line_error(capsys, "--checkpoint", last, "model.kwargs.depth=3")
     assert "blocks.2" in err  # names the keys that do not fit
-    err = one_line_error("--checkpoint", os.path.join(trained_run, "last.pth"), "--data-root", tmp_path / "none")
+    err = one_line_error(capsys, "--checkpoint", last, "--data-root", tmp_path / "none")
     assert str(tmp_path / "none") in err
+    for n in ("0", "-1"):
+        assert "--attn-stats-batches: expected an integer >= 1" in one_line_error(
+            capsys, "--checkpoint", last, "--attn-stats", "--attn-stats-batches", n)
+    assert "--pretrained/--pretrained-file need --model" in one_line_error(capsys, "--pretrained")
+    assert "deit_small_patch16_224" in one_line_error(capsys, "--checkpoint", last, "--model", "deit_smal_patch16_224")
+
+
+def test_a_url_is_downloaded_into_the_cache_and_results_go_to_the_working_dir(trained_run, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    work = tmp_path / "work"
+    work.mkdir()
+    monkeypatch.chdir(work)
+    url = "file://" + os.path.join(trained_run, "last.pth")
+    assert run_eval("--checkpoint", url) == 0
+    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "last.pth").is_file()
+    res = json.loads((work / "last.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json").read_text())
+    assert res["checkpoint"] == url and res["num_images"] == 37

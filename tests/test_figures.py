@@ -197,3 +197,39 @@ def test_model_curves_match_the_modules_including_affine():
     x = torch.linspace(-4, 4, 33)
     for name, params in model_curves(mods).items():
         torch.testing.assert_close(modulator_curve(params, x), mods[name](x).detach())
+
+
+@pytest.mark.parametrize("script, args, words", [
+    ("plot_simplex", ["--out", "m.xyz"], "unsupported format .xyz"),
+    ("plot_simplex", ["--out", "noext"], "no file extension"),
+    ("plot_simplex", ["--dpi", "0"], "--dpi must be a number in (0, 1200]"),
+    ("plot_simplex", ["--dpi", "nan"], "--dpi must be a number in (0, 1200]"),
+    ("plot_simplex", ["--ranges", "nan", "2", "--ts", "-10", "-0.7"], "--ranges must be finite"),
+    ("plot_simplex", ["--ranges", "0", "2", "--ts", "inf", "-0.7"], "--ts must be finite"),
+    ("plot_simplex", ["--x2", "8", "nan"], "--x2 must be finite"),
+    ("plot_simplex", ["--temperatures", "nan"], "--temperatures must be finite"),
+    ("plot_modulators", ["--out", "m.xyz"], "unsupported format .xyz"),
+    ("plot_modulators", ["--dpi", "-3"], "--dpi must be a number in (0, 1200]"),
+    ("plot_modulators", ["--x-range", "0", "inf"], "--x-range must be finite"),
+])
+def test_bad_figure_options_are_one_line_and_write_nothing(script, args, words, checkpoints, tmp_path, capsys,
+                                                          monkeypatch):
+    module = {"plot_simplex": plot_simplex, "plot_modulators": plot_modulators}[script]
+    source = ["--checkpoints", checkpoints[0]] if script == "plot_modulators" else []
+    out = [] if "--out" in args else ["--out", str(tmp_path / "fig.png")]
+    monkeypatch.chdir(tmp_path)  # a relative --out would land here
+    assert module.main([*source, *out, *args]) == 2
+    err = capsys.readouterr().err
+    assert words in err and len(err.strip().splitlines()) == 1, err
+    assert os.listdir(tmp_path) == []
+
+
+def test_other_formats_and_an_oversized_image(tmp_path, capsys):
+    out = tmp_path / "simplex.svg"
+    assert plot_simplex.main(["--no-sweep", "--out", str(out), "--pdf"]) == 0
+    assert out.read_text().lstrip().startswith("<?xml") and (tmp_path / "simplex.pdf").is_file()
+    capsys.readouterr()
+    assert plot_simplex.main(["--no-sweep", "--out", str(tmp_path / "big.png"), "--dpi", "1e5"]) == 2
+    err = capsys.readouterr().err
+    assert "--dpi must be a number in (0, 1200], got 100000" in err and len(err.strip().splitlines()) == 1
+    assert sorted(os.listdir(tmp_path)) == ["simplex.pdf", "simplex.svg"]

@@ -20,8 +20,6 @@ from conftest import write_idx_dataset
 from engine.logger import read_jsonl
 from helpers import ROOT, run_train, tiny_overrides
 
-sys.path.insert(0, os.path.join(ROOT, "scripts"))
-
 PY = sys.executable
 ENV = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT, "PYTHONUNBUFFERED": "1"}
 
@@ -603,22 +601,3 @@ def test_dead_ddp_worker_ends_the_job(long_fmnist, tmp_path):
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
-
-
-# ------------------------------------------------------------------ 1. safe loading
-
-def test_safetensors_export_evaluates_like_the_checkpoint(fake_fmnist, tmp_path):
-    import json
-
-    import eval as evaluate_script
-    from export import export
-
-    out = str(tmp_path / "run")
-    run_train(tiny_overrides(fake_fmnist, out, **{"train.epochs": 1}))
-    exported = export(os.path.join(out, "last.pth"), str(tmp_path / "exported"))
-    assert exported.endswith("model.safetensors") and (tmp_path / "exported" / "config.yaml").exists()
-    for ckpt, res in ((os.path.join(out, "last.pth"), "a.json"), (exported, "b.json")):
-        assert evaluate_script.main(["--checkpoint", ckpt, "--output", str(tmp_path / res),
-                                     "--csv", str(tmp_path / "r.csv")]) == 0
-    a, b = (json.loads((tmp_path / f).read_text()) for f in ("a.json", "b.json"))
-    assert a["top1"] == b["top1"] and a["loss"] == pytest.approx(b["loss"], rel=1e-6)

@@ -1,0 +1,108 @@
+"""scripts/benchmark.py: end to end on tiny models, its variant axes, presets and statistics."""
+import json
+
+import torch
+
+from helpers import load_script
+
+
+def test_benchmark_end_to_end(tmp_path):
+    bench = load_script("benchmark")
+    out_json, out_md = tmp_path / "b.json", tmp_path / "b.md"
+    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--attn-normalizer", "multimax", "softmax",
+                     "--backend", "auto", "chunked", "--mode", "train", "infer", "--batch-size", "4",
+                     "--warmup", "1", "--repeats", "2", "--steps", "1", "--threads", "1",
+                     "--out-json", str(out_json), "--out-md", str(out_md)])
+    assert rc == 0
+    data = json.loads(out_json.read_text())
+    rows = data["throughput"]
+    assert len(rows) == 8 and data["machine"]["torch"] == torch.__version__
+    for r in rows:
+        assert len(r["times"]) == 2 and r["img_per_s"] > 0 and r["peak_extra_mb"] is not None
+        baseline = rows[r["baseline"]]
+        assert baseline["attn"] == "softmax" and baseline["variant"]["mode"] == r["variant"]["mode"]
+    assert {r["kernel"] for r in rows} == {"explicit", "sdpa", "chunked"}
+    md = out_md.read_text()
+    assert md.count("| vit_micro_multimax_patch7_28 |") == 8 and "× baseline" in md
+
+
+def test_benchmark_optimizer_variants(tmp_path):
+    """--optim-impl is a variant axis of train steps only; each optimizer is its own baseline."""
+    bench = load_script("benchmark")
+    out_json = tmp_path / "o.json"
+    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--attn-normalizer", "softmax", "multimax",
+                     "--optim-impl", "loop", "auto", "--mode", "train", "infer", "--batch-size", "2",
+                     "--warmup", "1", "--repeats", "1", "--steps", "1", "--threads", "1", "--no-memory",
+                     "--out-json", str(out_json)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["throughput"]
+    train = [(r["attn"], r["optimizer"]) for r in rows if r["variant"]["mode"] == "train"]
+    assert sorted(train) == [("multimax", "fused"), ("multimax", "loop"), ("softmax", "fused"), ("softmax", "loop")]
+    assert [r["optimizer"] for r in rows if r["variant"]["mode"] == "infer"] == ["–", "–"]
+    for r in rows:
+        assert rows[r["baseline"]]["optimizer"] == r["optimizer"] and rows[r["baseline"]]["attn"] == "softmax"
+
+
+def test_benchmark_memory_preset(tmp_path):
+    bench = load_script("benchmark")
+    out_json = tmp_path / "m.json"
+    rc = bench.main(["--preset", "memory", "--model", "vit_micro_multimax_patch7_28", "--img-size", "28",
+                     "--compile", "off", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-rss",
+                     "--out-json", str(out_json)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["attention_memory"]
+    assert [r["kernel"] for r in rows] == ["sdpa", "explicit", "chunked"]
+    assert all(r["peak_mb"] > 0 and r["spec"]["tokens"] == 16 for r in rows) and rows[1]["ratio"] == 1.0
+
+
+def test_benchmark_rss_probe():
+    bench = load_script("benchmark")
+    spec = bench.LayerSpec("vit_micro_multimax_patch7_28", "multimax", "explicit", False, 8, 256, "fp32")
+    # explicit MultiMax at 256 tokens, batch 8, 4 heads: one fp32 score tensor is 8 MiB, and the
+    # scores, the probabilities and their gradients are all materialised
+    assert bench._rss_probe(spec) > 3 * 8
+
+
+def test_benchmark_user_errors(capsys):
+    bench = load_script("benchmark")
+    assert bench.main(["--model", "no_such_model", "--repeats", "1"]) == 2
+    assert "no_such_model" in capsys.readouterr().err
+    if not torch.cuda.is_available():
+        assert bench.main(["--device", "cuda"]) == 2
+        assert "CUDA is not available" in capsys.readouterr().err
+
+
+def test_median_ci_brackets_the_median():
+    bench = load_script("benchmark")
+    xs = [1.0 + 0.01 * ((7 * i) % 41) for i in range(41)]  # 1.00 … 1.40, shuffled
+    lo, hi = bench.median_ci(xs)
+    assert lo < sorted(xs)[20] < hi
+    assert (lo, hi) == (sorted(xs)[14], sorted(xs)[26])  # ranks 20.5 ∓ 6.3 of 41
+    assert bench.median_ci([1.2]) == (1.2, 1.2)
+
+
+def test_deit_preset_puts_flex_next_to_compiled_explicit_on_cuda():
+    """On CUDA the deit preset times softmax-SDPA, MultiMax explicit and MultiMax flex side by
+    side for each compile flag; on CPU (no flex backward) MultiMax runs as auto picks it."""
+    bench = load_script("benchmark")
+    groups = bench.deit_groups(128, ["bf16"], [False, True], ["train"], sizes=["small"], device=torch.device("cuda"))
+    (name, variants), = groups.items()
+    assert name == "deit_small-train-bf16"
+    assert [(v.model.split("_")[2], v.backend, v.compile) for v in variants] == [
+        ("gap", "auto", False), ("multimax", "explicit", False), ("multimax", "flex", False),
+        ("gap", "auto", True), ("multimax", "explicit", True), ("multimax", "flex", True)]
+    cpu = bench.deit_groups(8, ["fp32"], [True], ["train", "infer"], device=torch.device("cpu"))
+    assert list(cpu) == ["deit_tiny-train-fp32", "deit_tiny-infer-fp32", "deit_small-train-fp32", "deit_small-infer-fp32"]
+    assert all([v.backend for v in vs] == ["auto", "auto"] for vs in cpu.values())
+
+
+def test_deit_preset_runs_on_the_micro_size(tmp_path):
+    bench = load_script("benchmark")
+    out_json = tmp_path / "d.json"
+    rc = bench.main(["--preset", "deit", "--sizes", "micro", "--mode", "train", "--compile", "off", "--batch-size", "2",
+                     "--warmup", "1", "--repeats", "1", "--steps", "1", "--threads", "1", "--no-memory",
+                     "--out-json", str(out_json)])
+    assert rc == 0
+    rows = json.loads(out_json.read_text())["throughput"]
+    assert [(r["attn"], r["kernel"], r["variant"]["dtype"]) for r in rows] == [
+        ("softmax", "sdpa", "fp32"), ("multimax", "explicit", "fp32")]

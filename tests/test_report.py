@@ -1,0 +1,131 @@
+"""scripts/report.py: the per-variant table (mean ± std over finished seeds, unfinished runs
+marked and left out), the CSVs and the figures, from run directories whose files the test writes."""
+import csv
+import importlib.util
+import json
+import os
+import sys
+
+import pytest
+import yaml
+
+from helpers import ROOT
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("report_script", os.path.join(ROOT, "scripts", "report.py"))
+    module = importlib.util.module_from_spec(spec)
+    sys.modules[spec.name] = module
+    spec.loader.exec_module(module)
+    return module
+
+
+report = load_script()
+LAYERS = ("blocks.0.attn", "blocks.1.attn")
+
+
+def write_run(run_dir, epochs, top1, loss, ema=None, img_per_s=1000.0, done=None, attn=None):
+    """A run directory as train.py and eval.py leave it: config.yaml (train.epochs, resolved global
+    batch 100), ``done`` epochs of log.jsonl (10 steps each) with val_top1 = top1[i], val_top5 =
+    top1[i] + 10, val_loss = loss[i], and with ``attn`` an eval.json of per-layer (S, M)."""
+    os.makedirs(run_dir, exist_ok=True)
+    with open(os.path.join(run_dir, "config.yaml"), "w") as f:
+        yaml.safe_dump({"train": {"epochs": epochs, "seed": 0}, "resolved": {"global_batch": 100}}, f)
+    with open(os.path.join(run_dir, "log.jsonl"), "w") as f:
+        for e in range(epochs if done is None else done):
+            row = {"epoch": e, "step": 10 * (e + 1), "train_loss": 1.0, "lr": 1e-3, "grad_norm": 1.0,
+                   "train_img_per_s": img_per_s, "skipped_steps": 0,
+                   "val_loss": loss[e], "val_top1": top1[e], "val_top5": top1[e] + 10, "val_images": 50}
+            if ema is not None:
+                row.update(val_loss_ema=loss[e], val_top1_ema=ema[e], val_top5_ema=ema[e] + 10)
+            f.write(json.dumps(row) + "\n")
+    open(os.path.join(run_dir, "last.pth"), "wb").close()
+    if attn is not None:
+        layers = {name: {"mean": {"sparsity": s, "multimodality": m}} for name, (s, m) in zip(LAYERS, attn)}
+        overall = {"sparsity": sum(s for s, _ in attn) / len(attn),
+                   "multimodality": sum(m for _, m in attn) / len(attn)}
+        with open(os.path.join(run_dir, "eval.json"), "w") as f:
+            json.dump({"top1": top1[-1], "attn_stats": {"layers": layers, "mean": overall}}, f)
+
+
+@pytest.fixture
+def sweep_dir(tmp_path):
+    """Variant a: 3 finished seeds with EMA; b: seed 0 finished, seed 1 after 1 of 3 epochs, seed 2 not started."""
+    out = tmp_path / "sweep"
+    runs = []
+    for seed, (t, s) in enumerate([(80.0, 0.1), (82.0, 0.2), (84.0, 0.3)]):
+        write_run(out / "a" / f"seed{seed}", 3, top1=[t - 20, t + 1, t], loss=[2.0, 1.0, 1.0 + seed],
+                  ema=[0.0, 0.0, t - 1], attn=[(s, 0.5), (s + 0.1, 0.7)])
+        runs.append({"variant": "a", "seed": seed, "run_dir": f"a/seed{seed}"})
+    write_run(out / "b" / "seed0", 3, top1=[50.0, 60.0, 70.0], loss=[3.0, 2.0, 1.5], img_per_s=500.0,
+              attn=[(0.9, 0.05), (0.8, 0.1)])
+    write_run(out / "b" / "seed1", 3, top1=[99.0, 99.0, 99.0], loss=[0.1] * 3, done=1)
+    runs += [{"variant": "b", "seed": s, "run_dir": f"b/seed{s}"} for s in range(3)]
+    (out / "sweep.json").write_text(json.dumps({"runs": runs}))
+    return out
+
+
+def read_csv(path):
+    with open(path) as f:
+        return {row.get("variant") + (f"/{row['seed']}" if "seed" in row else ""): row for row in csv.DictReader(f)}
+
+
+def test_table_has_the_means_and_spreads_of_finished_runs(sweep_dir, capsys):
+    assert report.main([str(sweep_dir)]) == 0
+    rows = read_csv(sweep_dir / "report.csv")
+    a, b = rows["a"], rows["b"]
+    assert a["seeds"] == "3" and a["unfinished"] == ""
+    expected_a = {"final_top1": (82.0, 2.0), "best_top1": (83.0, 2.0), "final_top5": (92.0, 2.0),
+                  "final_loss": (2.0, 1.0), "best_loss": (1.0, 0.0), "final_top1_ema": (81.0, 2.0),
+                  "sparsity": (0.25, 0.1), "multimodality": (0.6, 0.0),
+                  "sparsity[blocks.0.attn]": (0.2, 0.1), "multimodality[blocks.1.attn]": (0.7, 0.0),
+                  "train_min": (3 * 10 * 100 / 1000 / 60, 0.0)}
+    for column, (mean, std) in expected_a.items():
+        assert float(a[f"{column}_mean"]) == pytest.approx(mean), column
+        assert float(a[f"{column}_std"]) == pytest.approx(std, abs=1e-12), column
+    # b: only seed 0 is averaged (no std from one run); seed 1's 99% must not leak in
+    assert b["seeds"] == "1" and b["unfinished"] == "seed 1: 1 of 3 epochs, seed 2: not started"
+    assert float(b["final_top1_mean"]) == 70.0 and b["final_top1_std"] == "" and b["final_top1_ema_mean"] == ""
+    assert float(b["train_min_mean"]) == pytest.approx(3 * 10 * 100 / 500 / 60)
+    assert float(b["sparsity[blocks.1.attn]_mean"]) == pytest.approx(0.8)
+
+    md = (sweep_dir / "report.md").read_text()
+    line_a = next(line for line in md.splitlines() if line.startswith("| a |"))
+    assert "| 3 | 82.00 ± 2.00 | 83.00 ± 2.00 |" in line_a and "| 0.2500 ± 0.1000 | 0.6000 ± 0.0000 |" in line_a
+    line_b = next(line for line in md.splitlines() if line.startswith("| b |"))
+    assert "| 1 | 70.00 | 70.00 |" in line_b and line_b.endswith("| seed 1: 1 of 3 epochs, seed 2: not started |")
+    assert "![val_top1](val_top1.png)" in md and "![attention_sm](attention_sm.png)" in md
+    for name in ("val_top1.png", "attention_sm.png"):
+        assert (sweep_dir / name).stat().st_size > 10_000
+
+    per_run = read_csv(sweep_dir / "runs.csv")
+    assert per_run["b/1"]["state"] == "1 of 3 epochs" and per_run["b/2"]["state"] == "not started"
+    assert float(per_run["a/2"]["final_top1"]) == 84.0 and float(per_run["a/2"]["sparsity[blocks.0.attn]"]) == 0.3
+
+
+def test_run_directories_without_a_sweep_are_grouped_by_name(sweep_dir, tmp_path, capsys):
+    out = tmp_path / "rep"
+    dirs = [str(sweep_dir / "a" / "seed0"), str(sweep_dir / "a" / "seed2"), str(sweep_dir / "b")]
+    assert report.main([*dirs, "--out", str(out)]) == 0
+    rows = read_csv(out / "report.csv")
+    assert rows["a"]["seeds"] == "2" and float(rows["a"]["final_top1_mean"]) == pytest.approx(82.0)
+    assert float(rows["a"]["final_top1_std"]) == pytest.approx(2.8284271247)
+    assert rows["b"]["seeds"] == "1" and rows["b"]["unfinished"] == "seed 1: 1 of 3 epochs"  # found by walking b/
+
+
+def test_stale_eval_result_is_not_used(sweep_dir, capsys):
+    run = sweep_dir / "b" / "seed0"
+    os.utime(run / "eval.json", (1, 1))  # older than last.pth: evaluated before the last training
+    assert report.main([str(sweep_dir)]) == 0
+    assert read_csv(sweep_dir / "report.csv")["b"]["sparsity_mean"] == ""
+    line_b = next(line for line in (sweep_dir / "report.md").read_text().splitlines() if line.startswith("| b |"))
+    assert line_b.endswith("| seed 1: 1 of 3 epochs, seed 2: not started, seed 0: no eval.json (S, M) |")
+
+
+def test_bad_input_is_one_line(tmp_path, capsys):
+    assert report.main([str(tmp_path / "missing")]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("report.py: error: ") and "missing: not a directory" in err and err.count("\n") == 1
+    (tmp_path / "empty").mkdir()
+    assert report.main([str(tmp_path / "empty")]) == 2
+    assert "holds no run directory" in capsys.readouterr().err
