@@ -20,7 +20,7 @@ from . import distributed as dist
 from .checkpoint import (
     FORMAT_VERSION, capture_rng_state, find_resume_checkpoint, load_checkpoint, pid_alive,
 )
-from .config import config_to_dict, dump_config, resolve_config
+from .config import Config, config_to_dict, dump_config, resolve_config
 from .errors import UserError
 from .logger import console, truncate_jsonl
 from .loop import EpochStart, TrainState
@@ -63,7 +63,9 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
     with open(cfg_path) as f:
         old = yaml.safe_load(f) or {}
     old.pop("resolved", None)
-    old_flat, new_flat = _flatten(old), _flatten(config_to_dict(cfg))
+    # a key the old file lacks (written before the key existed) had its default value then
+    old_flat = {**_flatten(config_to_dict(Config())), **_flatten(old)}
+    new_flat = _flatten(config_to_dict(cfg))
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if k not in _RESUMABLE_CHANGES and old_flat.get(k) != new_flat.get(k))
     if changed:

@@ -535,6 +535,16 @@ def test_run_dir_of_another_config_is_refused(fake_fmnist, tmp_path, capsys):
                                   *tiny_overrides(fake_fmnist, out, **{"train.epochs": 1, "model.modulator_order": 3})])
     assert "model.modulator_order" in err and "allow_config_change" in err
     assert open(os.path.join(out, "last.pth"), "rb").read() == before
+    # a config.yaml written before a key existed lacks it: at its default that key is no change
+    cfg_path = os.path.join(out, "config.yaml")
+    with open(cfg_path) as f:
+        text = f.read()
+    assert "  pos_drop_rate: 0.0\n" in text
+    with open(cfg_path, "w") as f:
+        f.write(text.replace("  pos_drop_rate: 0.0\n", ""))
+    capsys.readouterr()
+    run_train(tiny_overrides(fake_fmnist, out, **{"train.epochs": 1}))
+    assert "already finished" in capsys.readouterr().out
 
 
 def test_resume_checkpoint_of_another_model_or_truncated(fake_fmnist, tmp_path, capsys):
