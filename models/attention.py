@@ -42,9 +42,8 @@ from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
     flex_training_proven, modulated_attention, modulated_softmax,
 )
-from .multimax import NORMALIZERS, build_normalizer
-
-ATTN_BACKENDS = ("auto", "sdpa", "explicit", "flex", "chunked")
+from .choices import ATTN_BACKENDS
+from .multimax import build_normalizer
 
 # FX traces a call to these as one node: they branch on their inputs (grad, device, shapes, masks)
 for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "flex_attention_with",
@@ -187,4 +186,4 @@ def _additive_mask(
     return attn_mask.float()
 
 
-__all__ = ["MultiMaxAttention", "ATTN_BACKENDS", "NORMALIZERS"]
+__all__ = ["MultiMaxAttention"]

@@ -33,7 +33,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .multimax import seglu
+from .multimax import _f32, seglu
 
 try:
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
@@ -76,11 +76,6 @@ class ScoreModulation(NamedTuple):
         )
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """Half precision to float32; float32/float64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half precision, else x's dtype: where sums and φ are computed."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -88,11 +83,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def modulate(s: torch.Tensor, params: Params) -> torch.Tensor:
     """φ(s), elementwise (see ``ScoreModulation``)."""
-    if not params:
-        return s
-    if len(params) == 4:
-        s = s * params[2] + params[3]
-    return seglu(s, params[0], params[1])
+    return seglu(s, *params) if params else s
 
 
 def modulate_backward(s: torch.Tensor, grad: torch.Tensor, params: Params) -> Tuple[torch.Tensor, List[torch.Tensor]]:
