@@ -52,7 +52,12 @@ for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "
 
 
 class MultiMaxAttention(nn.Module):
-    """Self-attention over tokens. Input (B, N, C) → output (B, N, C)."""
+    """Self-attention over tokens. Input (B, N, C) → output (B, N, C).
+
+    Takes the arguments timm's ``Block`` gives its attention layer (timm 1.0.23 to 1.0.31: dim,
+    num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, device,
+    dtype), then the normalizer's; any other argument is a TypeError naming it.
+    """
 
     def __init__(
         self,
@@ -73,7 +78,6 @@ class MultiMaxAttention(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
-        **unused,
     ) -> None:
         super().__init__()
         if dim % num_heads:

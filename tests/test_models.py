@@ -67,6 +67,17 @@ def test_modulator_init_and_qkv_bias_knobs():
                                          "blocks.1.attn.normalizer.modulator", "out_modulator"}
 
 
+def test_misspelled_attention_arguments_are_refused():
+    from models.attention import MultiMaxAttention
+
+    with pytest.raises(TypeError, match="modulator_ordr"):
+        MultiMaxAttention(24, 3, modulator_ordr=1)
+    with pytest.raises(TypeError, match="attn_head_dim"):  # timm's Attention takes it, Block never passes it
+        MultiMaxAttention(24, 3, attn_head_dim=16)
+    with pytest.raises(TypeError, match="modulator_ordr"):
+        _tiny(modulator_ordr=1)
+
+
 def test_affine_ablation_is_the_authors_variant():
     """configs/ablations/first_order_affine.yaml: affine + first-order σ in attention, a plain
     first-order σ on the logits (the authors' DeiT code for this variant)."""
@@ -234,6 +245,16 @@ def test_load_paper_affine_first_order_checkpoint_reproduces_logits():
     # a model without the affine map is told which keys it lacks
     with pytest.raises(CheckpointMismatchError, match="modulator.scale"):
         load_weights(_tiny(), {"model": sd})
+    # eval.py's path: the architecture read off the weights, the model built and loaded strictly
+    from engine.evaluation import EvalSpec, checkpoint_model
+
+    spec = EvalSpec(model="deit_tiny_multimax_patch16_224", overrides=[
+        "model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=24", "model.kwargs.depth=2",
+        "model.kwargs.num_heads=3"])
+    built, cfg, _, _ = checkpoint_model(spec, {"model": sd}, "paper.pth")
+    assert (cfg.model.modulator_order, cfg.model.modulator_affine, cfg.model.num_classes) == (1, True, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(built.eval()(x), paper_forward(sd, x, 2, 3, 8), rtol=1e-4, atol=1e-4)
 
 
 def test_load_our_checkpoint_reproduces_logits(tmp_path):
