@@ -1,10 +1,25 @@
 """Checkpoints that survive crashes and never execute code when loaded.
 
-Format (DESIGN §4): a plain dict with ``model``, ``model_ema`` (or None), ``optimizer``,
-``scaler`` (or None), ``epoch``, ``step``, ``best`` ({"metric", "value", "epoch"}), ``rng``,
-``config`` (YAML text), ``classes`` (the training set's class names, or None) and
-``format_version``; every leaf is a tensor or a plain python value, so
-``torch.load(path, weights_only=True)`` reads it.
+The format (``FORMAT_VERSION`` 1; written by ``engine.run.training_state``) is a plain dict:
+
+    model           the model's state dict (unwrapped: no ``module.`` / ``_orig_mod.`` prefixes)
+    model_ema       the EMA weights' state dict, or None without ``train.ema``
+    optimizer       the optimizer's state dict
+    scaler          the fp16 GradScaler's state dict, or None
+    epoch           the last completed epoch (0-based)
+    step            optimizer steps done in all, skipped ones included (the lr is a function of it)
+    epoch_step      0, or for a mid-epoch checkpoint (SIGTERM / SIGUSR1) the optimizer steps of
+                    epoch ``epoch + 1`` already done
+    skipped_steps   of those, the steps skipped for a non-finite loss or gradient
+    best            {"metric", "value", "epoch"} of the best evaluation so far
+    rng             {"ranks": [one python/numpy/torch/CUDA RNG state per rank]} (``capture_rng_state``)
+    config          the run's config as YAML text (``engine.config.dump_config``)
+    classes         the training set's class names by label, or None when it has none
+    format_version  ``FORMAT_VERSION``
+
+Every leaf is a tensor or a plain python value, so ``torch.load(path, weights_only=True)``
+reads it. The ``model`` key is the one DeiT's and the paper's code use too, so their
+checkpoints load through the same door (``models.load_weights``).
 
 Writes are atomic: a temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory. A crash or a full disk at any moment leaves the previous file whole.

@@ -1,20 +1,17 @@
 """Multi-head self-attention with a configurable normalizer (MultiMax, softmax, sparsemax, ...).
 
-Drop-in for timm's ``Attention``: same constructor arguments and the same ``qkv`` / ``proj``
-parameter names and shapes, so timm/DeiT weights load. The normalizer's parameters (for
+Drop-in for timm's ``Attention`` in timm's ``Block``: the arguments Block passes, and the same
+``qkv`` / ``proj`` parameter names and shapes, so timm/DeiT weights load. The normalizer's parameters (for
 MultiMax, the SegLU modulator) sit at ``<block>.attn.normalizer.modulator.{ranges,ts}``.
 
-Backends (``backend=``):
+Backends (``backend=``; the kernels are described in ``models.attention_kernels``):
 - ``sdpa``: ``F.scaled_dot_product_attention``; softmax only (temperature folded into the scale).
-- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v. Materialises the
-  (B, H, N, N) scores. For MultiMax, q·kᵀ → σ + softmax → @v is one autograd Function with a
-  hand-written backward (``attention_kernels.modulated_attention``); free of graph breaks, so
-  torch.compile fuses σ, the softmax and their backward. With attention dropout or while
-  recording, σ + softmax alone is one Function (``attention_kernels.modulated_softmax``).
-  Inference (no gradient) on CPU runs in cache-sized blocks of heads per batch entry.
-- ``flex``: ``flex_attention`` with ``score_mod`` = σ (see ``models.attention_kernels``);
-  multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
-- ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
+- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v, materialising the
+  (B, H, N, N) scores; for MultiMax ``attention_kernels.modulated_attention`` (without dropout)
+  or ``modulated_softmax`` (with it, or while recording).
+- ``flex``: ``attention_kernels.flex_attention_with``; multimax/softmax, no attention dropout,
+  no masks; CPU: forward only (under no_grad).
+- ``chunked``: ``attention_kernels.chunked_attention``, memory-efficient on every device;
   multimax/softmax, no attention dropout.
 - ``auto``: sdpa for softmax; for multimax on CUDA flex where flex is usable (Triton present,
   no mask, no attention dropout while training) and, when gradients are on, only where its
