@@ -16,7 +16,7 @@ import models.attention_kernels as kernels
 from models.multimax import build_normalizer
 
 from engine.config import load_config
-from helpers import ROOT, load_script
+from helpers import ROOT
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -348,36 +348,9 @@ def test_softmax_temperature_kernels_match_sdpa():
         torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_peak_memory_is_a_fraction_of_explicit():
-    bench = load_script("benchmark")
-    norm = _normalizer()
-    mod = ScoreModulation.of(norm)
-    q, k, v = _qkv(b=1, h=2, n=512, d=16)
-    peaks = {}
-    for name, fn in {"explicit": lambda: modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v,
-                     "chunked": lambda: chunked_attention(q, k, v, mod, 0.25, chunk_size=32)}.items():
-        with bench.LiveTensorBytes() as tracker:
-            out = fn()
-            out.backward(torch.ones_like(out))
-        peaks[name] = tracker.peak
-    n2_bytes = 2 * 512 * 512 * 4
-    assert peaks["explicit"] >= 2 * n2_bytes  # scores and probabilities are materialised
-    assert peaks["chunked"] <= peaks["explicit"] / 4
-
-
-def test_live_tensor_counter():
-    bench = load_script("benchmark")
-    with bench.LiveTensorBytes() as tracker:
-        a = torch.empty(1000, 1000)  # 4 MB
-        b = a.view(-1)[:10]  # a view: no new storage
-        del a, b
-        c = torch.ones(500, 1000)  # 2 MB, after the 4 MB were freed
-    assert tracker.peak == 4_000_000 and tracker.current == 2_000_000
-    del c
-
-
 # ----------------------------------------------------------------------------- compile and flex
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["explicit", "chunked", "flex"])
 def test_model_traces_without_graph_breaks(backend):
     """One graph for training, bf16 autocast and inference (flex: inference only on CPU)."""
@@ -392,6 +365,7 @@ def test_model_traces_without_graph_breaks(backend):
         assert explain.graph_break_count == 0, (name, explain.break_reasons)
 
 
+@pytest.mark.slow
 def test_compiled_explicit_multimax_matches_eager():
     torch.manual_seed(0)
     eager = MultiMaxAttention(32, 2, backend="explicit")
@@ -457,6 +431,7 @@ def test_auto_on_cuda_matches_explicit():
 
 @CUDA
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_compiled_model_trains_with_flex_on_cuda(dtype):
     """The model compiled as train.compile compiles it, flex inside: Inductor lowers flex's
     backward with our score_mod (what FLEX_TRAINING_PROVEN rests on) and matches explicit."""

@@ -362,14 +362,17 @@ def test_duplicate_yaml_keys_name_file_line_and_key(tmp_path):
 def test_config_checks_need_no_torch_and_use_the_models_own_choices():
     """Reading and checking a config imports neither torch nor the models package; the choice
     lists it checks against are the very objects the models use."""
-    code = ("import sys; from engine.config import load_config; "
+    code = ("import sys; from engine.config import MODEL_CHOICES, load_config; "
             "load_config('configs/deit_small_multimax.yaml', ['model.attn_backend=flex']); "
-            "print(sorted(m for m in ('torch', 'timm', 'models') if m in sys.modules)); "
-            "import engine.config as c, models; from models.attention import ATTN_BACKENDS; "
-            "print(models.choices is c.MODEL_CHOICES, ATTN_BACKENDS is c.MODEL_CHOICES.ATTN_BACKENDS, "
-            "models.NORMALIZERS is c.MODEL_CHOICES.NORMALIZERS)")
+            "print(sorted(m for m in ('torch', 'timm', 'models') if m in sys.modules), "
+            "sys.modules['models.choices'] is MODEL_CHOICES, MODEL_CHOICES.__file__)")
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr
-    assert out.stdout.split("\n")[:2] == ["[]", "True True True"]
+    assert out.stdout.split() == ["[]", "True", os.path.join(ROOT, "models", "choices.py")]
+    from engine.config import MODEL_CHOICES
+    from models.attention import ATTN_BACKENDS
+
+    assert models.choices is MODEL_CHOICES and models.NORMALIZERS is MODEL_CHOICES.NORMALIZERS
+    assert ATTN_BACKENDS is MODEL_CHOICES.ATTN_BACKENDS
     with pytest.raises(UserError, match=r"model.attn_backend = 'flexx' is not one of .*; did you mean 'flex'"):
         load_config(None, ["model.attn_backend=flexx"])

@@ -66,6 +66,7 @@ def test_eval_reproduces_training_log(trained_run, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("checkpoint,")
 
 
+@pytest.mark.slow
 def test_eval_one_and_two_processes_identical(trained_run, tmp_path):
     """37 test images, batch 4 per process: 37 is not a multiple of 2 x 4."""
     ckpt = os.path.join(trained_run, "last.pth")

@@ -101,6 +101,7 @@ def test_class_token_and_distilled_checkpoints_match_timm_exactly(image_folder, 
     assert res["attn_stats"]["modulators"] == {}  # softmax: nothing learned to report
 
 
+@pytest.mark.slow
 def test_pretrained_file_loads_offline_like_timm(image_folder, tmp_path):
     """--pretrained-file: a local copy of timm's weights (its hub format, or DeiT's release
     format) goes through timm's own loader, with the network off."""
