@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from .choices import MODULATOR_INITS, NORMALIZERS, OUT_NORMALIZERS
+from .choices import MODULATOR_INITS, NORMALIZERS
 
 EVSOFTMAX_TRAIN_EPS = 1e-6
 
@@ -248,7 +248,7 @@ def modulators(model: nn.Module) -> Dict[str, SegLU]:
 
 
 __all__ = [
-    "NORMALIZERS", "OUT_NORMALIZERS", "MODULATOR_INITS", "seglu", "multimax", "softmax",
+    "NORMALIZERS", "MODULATOR_INITS", "seglu", "multimax", "softmax",
     "sparsemax", "entmax15", "evsoftmax", "SegLU", "Normalizer", "Softmax", "MultiMax",
     "Sparsemax", "Entmax15", "EvSoftmax", "build_normalizer", "modulators",
 ]
