@@ -287,8 +287,8 @@ def test_modulated_attention_under_autocast():
 
 @pytest.mark.parametrize("n", [50, 200])
 def test_blocked_inference_equals_one_block(monkeypatch, n):
-    """Inference on CPU in blocks of heads per batch entry (last block short) equals the
-    gradient path; under autocast too; with a mask (one block)."""
+    """Inference on CPU in blocks of heads per batch entry, or of whole entries (last block
+    short), equals the gradient path; under autocast too; with a mask (one block)."""
     mod = ScoreModulation.of(_normalizer())
     q, k, v = (t.detach() for t in _qkv(b=3, h=3, n=n))
     bias = torch.zeros(n, n).masked_fill(torch.rand(n, n, generator=torch.Generator().manual_seed(3)) > 0.8, -torch.inf)
@@ -306,6 +306,11 @@ def test_blocked_inference_equals_one_block(monkeypatch, n):
     # 3 entries × (2 heads + 1 head), then the masked call as one block, then 6 blocks under autocast
     assert calls[:7] == [(2, n, 16), (1, n, 16)] * 3 + [(3, 3, n, 16)], calls
     assert len(calls) == 13
+    monkeypatch.setattr(kernels, "CPU_BLOCK_ELEMENTS", 2 * 3 * n * n)  # every head of 2 entries per block
+    calls.clear()
+    with torch.inference_mode():
+        assert torch.equal(modulated_attention(q, k, v, mod, 0.25), ref)
+    assert calls == [(2, 3, n, 16), (1, 3, n, 16)]
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low_ref = modulated_attention(qb, kb, vb, mod, 0.25).detach()
@@ -316,11 +321,13 @@ def test_blocked_inference_equals_one_block(monkeypatch, n):
 def test_inference_blocks_are_bounded_under_compile(monkeypatch):
     """Compiled, a large batch is traced as one block instead of hundreds (compile time)."""
     q = torch.empty(40, 6, 196, 64)
-    assert kernels._heads_per_block(q, q) == 3  # 80 blocks of 3 heads, eager
+    assert kernels._cpu_blocks(q, q) == (1, 3)  # 80 blocks of 3 heads, eager
+    small = torch.empty(192, 4, 16, 16)  # the quickstart's eval batch: 128 entries per block, not 192 blocks
+    assert kernels._cpu_blocks(small, small) == (128, 4)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels._heads_per_block(q, q) is None
-    assert kernels._heads_per_block(q[:8], q[:8]) == 3  # 16 blocks: traced as blocks
-    assert kernels._heads_per_block(q[:1, :2], q[:1, :2]) is None  # one block anyway
+    assert kernels._cpu_blocks(q, q) is None
+    assert kernels._cpu_blocks(q[:8], q[:8]) == (1, 3)  # 16 blocks: traced as blocks
+    assert kernels._cpu_blocks(q[:1, :2], q[:1, :2]) is None  # one block anyway
 
 
 def test_chunked_custom_ops_opcheck():
