@@ -224,7 +224,8 @@ class ImageFolderDataset(ImageFolder):
         if not classes:
             hint = ""
             if any(has_file_allowed_extension(n, IMG_EXTENSIONS) for n in os.listdir(directory)):
-                hint = " It holds images directly: sort a flat ImageNet val folder with scripts/prepare_imagenet_val.py."
+                hint = (" It holds images directly: sort a flat ImageNet val folder with "
+                        "scripts/prepare_imagenet_val.py.")
             raise UserError(f"data.root: {directory} has no class folders.{hint}")
         return classes, {name: i for i, name in enumerate(classes)}
 

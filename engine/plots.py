@@ -280,8 +280,8 @@ def save_figure(fig: Figure, out: str, pdf: bool = False, dpi: int = 150) -> Lis
     return paths
 
 
-__all__ = ["ModulatorParams", "modulators_from_state_dict", "checkpoint_modulators", "model_curves", "modulator_curve", "short_name", "modulator_figure",
-           "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
+__all__ = ["ModulatorParams", "modulators_from_state_dict", "checkpoint_modulators", "model_curves", "modulator_curve",
+           "short_name", "modulator_figure", "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
            "figure_formats", "check_figure_output", "check_finite", "save_figure"]
 
 
