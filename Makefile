@@ -5,7 +5,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 FMNIST := /usr/share/datasets/fashion-mnist
 
-.PHONY: setup data demo test clean
+.PHONY: setup data demo test test-fast clean
 
 setup: $(VENV)/.installed
 
@@ -34,6 +34,11 @@ demo: setup data
 
 test: setup data
 	OMP_NUM_THREADS=2 $(PY) -m pytest
+
+# The tests without the slow end-to-end ones (marked slow: training child processes, torchrun,
+# torch.compile, the benchmark), for a quick check while editing; `make test` runs them all.
+test-fast: setup data
+	OMP_NUM_THREADS=2 $(PY) -m pytest -m "not slow"
 
 clean:
 	rm -rf $(VENV) runs

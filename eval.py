@@ -30,7 +30,6 @@ import argparse
 import csv
 import json
 import os
-import re
 import resource
 import sys
 import time
@@ -40,27 +39,20 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 import timm
 import torch
 import torch.nn as nn
-from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 
 import models
 from data import build_eval_loader
-from data.datasets import (
-    FASHION_MNIST_MEAN, FASHION_MNIST_NAMES, FASHION_MNIST_STD, GRAY_MEAN, GRAY_STD, IMAGEFOLDER_NAMES,
-)
 from engine import distributed as dist
 from engine.checkpoint import download_checkpoint, is_url, load_checkpoint
-from engine.config import Config, apply_overrides, config_from_yaml_text, config_to_dict, load_config
+from engine.config import Config, config_to_dict
 from engine.cpu_alloc import apply_allocator_mode
 from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from engine.evaluation import EvalSpec, checkpoint_model, classifier_and_stem, eval_config, timm_preprocessing
 from engine.loop import evaluate
-from engine.model import build_model, build_pretrained, is_multimax_model
-from models.weights import (
-    CheckpointMismatchError, LoadResult, extract_state_dict, infer_model_kwargs, strip_prefixes,
-)
+from engine.model import build_pretrained
+from models.weights import CheckpointMismatchError, extract_state_dict, strip_prefixes
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
-_DEIT_RELEASE = re.compile(r"^deit_(tiny|small|base)(_distilled)?_patch16_(224|384)(\.|$)")
-DEIT_EVAL_CROP_PCT = 0.875
 EXPORT_CONFIG = "config.json"  # marks a folder written by scripts/export.py (Hugging Face Hub layout)
 
 
@@ -204,102 +196,18 @@ def sources(args: argparse.Namespace) -> List[Source]:
     return [Source.file(path)]
 
 
-# ---------------------------------------------------------------- config
+# ---------------------------------------------------------------- config and model
 
-def resolve_config(args: argparse.Namespace, ckpt: Optional[Dict[str, Any]], label: str = "",
-                   stored: Optional[str] = None) -> Config:
-    """Config for one source: ``--config``, else the stored one (the checkpoint's ``config``, an
-    exported folder's training config), else defaults for a foreign checkpoint or a timm model
-    (ImageFolder data; the image size timm gives ``--model``; for a checkpoint its class count and
-    qkv bias, and for ours its normalizers, read off the weights). Then eval's rules — the whole
-    split (``data.max_val_samples`` only from the command line) and no ``model.init_checkpoint``
-    (the weights are the ones evaluated) — and the command line on top."""
-    label = label or args.checkpoint or ""
-    stored = _stored_config(ckpt, stored)
-    if args.config:
-        cfg = load_config(args.config, [])
-    elif stored:
-        cfg = config_from_yaml_text(stored, source=f"{label} (stored config)")
-    else:
-        if not args.model:
-            trained_as = getattr((ckpt or {}).get("args"), "model", None)
-            hint = f" (its args say it was trained as {trained_as!r})" if isinstance(trained_as, str) else ""
-            raise UserError(f"{label} carries no config: name its architecture with --model{hint}, e.g. "
-                            f"deit_small_patch16_224 for a DeiT release, deit_small_multimax_patch16_224 for ours")
-        cfg = Config()
-        cfg.data.dataset = "imagefolder"
-        cfg.data.workers = min(cfg.data.workers, os.cpu_count() or 1)
-        pcfg = timm.get_pretrained_cfg(args.model) if timm.is_model(timm.models.get_arch_name(args.model)) else None
-        if pcfg is not None:
-            cfg.model.img_size = pcfg.input_size[-1]
-        if ckpt is not None:
-            _architecture_from_weights(cfg, args.model, infer_model_kwargs(ckpt, args.use_ema))
-    if args.model:
-        cfg.model.name = args.model
-    cfg.model.init_checkpoint = ""
-    cfg.data.max_val_samples = None
+def eval_spec(args: argparse.Namespace) -> EvalSpec:
+    """The command line as an ``EvalSpec``: the flags become the overrides they stand for,
+    before the trailing ``key=value`` ones."""
     flags = {"data.root": args.data_root, "data.dataset": args.dataset, "data.val_split": args.split,
              "data.eval_batch_size": args.batch_size, "data.workers": args.workers,
              "model.img_size": args.img_size, "data.crop_pct": args.crop_pct,
              "data.interpolation": args.interpolation, "data.mean": args.mean, "data.std": args.std,
              "train.amp": args.amp, "train.device": args.device}
     overrides = [f"{k}={json.dumps(v)}" for k, v in flags.items() if v is not None] + list(args.overrides)
-    return apply_overrides(cfg, overrides) if overrides else cfg
-
-
-def _stored_config(ckpt: Optional[Dict[str, Any]], stored: Optional[str] = None) -> Optional[str]:
-    """The training run's config text a source carries (given, or the checkpoint's), else None."""
-    text = stored if stored is not None else (ckpt or {}).get("config")
-    return text if isinstance(text, str) and text.strip() else None
-
-
-def _architecture_from_weights(cfg: Config, model_name: str, inferred: Dict[str, Any]) -> None:
-    """Put what the weights say (class count, qkv bias, our normalizers) into ``cfg.model``:
-    as our knobs for our models, as explicit ``model.kwargs`` for any other timm model."""
-    if "num_classes" in inferred:
-        cfg.model.num_classes = inferred["num_classes"]
-    if is_multimax_model(model_name):
-        for key in ("qkv_bias", "attn_normalizer", "out_normalizer", "modulator_order"):
-            if key in inferred:
-                setattr(cfg.model, key, inferred[key])
-    elif "qkv_bias" in inferred:
-        cfg.model.kwargs["qkv_bias"] = inferred["qkv_bias"]
-
-
-# ---------------------------------------------------------------- model
-
-def _classifier_and_stem(name: str) -> Tuple[str, str]:
-    """Module names of the classifier and the first conv of ``name`` (timm's pretrained config)."""
-    pcfg = timm.get_pretrained_cfg(name) if timm.is_model(timm.models.get_arch_name(name)) else None
-    classifier = (pcfg.classifier if pcfg else None) or "head"
-    first_conv = (pcfg.first_conv if pcfg else None) or "patch_embed.proj"
-    pick = (lambda v: v[0] if isinstance(v, (tuple, list)) else v)
-    return pick(classifier), pick(first_conv)
-
-
-def checkpoint_model(args: argparse.Namespace, ckpt: Dict[str, Any],
-                     label: str) -> Tuple[nn.Module, Config, LoadResult, str]:
-    """The model a checkpoint was trained as, loaded strictly, and its eval config:
-    ``resolve_config``, the model built for the weights (class count and input channels from
-    them unless the config sets them), and for a checkpoint without a config of its own timm's
-    preprocessing. Returns (model, config, LoadResult, crop mode)."""
-    cfg = resolve_config(args, ckpt, label)
-    use_ema = args.use_ema
-    try:
-        sd = strip_prefixes(extract_state_dict(ckpt, use_ema))
-    except CheckpointMismatchError as e:
-        raise UserError(f"{label}: {e}") from None
-    classifier, stem = _classifier_and_stem(cfg.model.name)
-    head, conv = sd.get(f"{classifier}.weight"), sd.get(f"{stem}.weight")
-    num_classes = cfg.model.num_classes or (int(head.shape[0]) if head is not None and head.dim() == 2 else None)
-    in_chans = cfg.model.in_chans or (int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)
-    model = build_model(cfg.model, num_classes, in_chans)
-    try:
-        load = models.load_weights(model, ckpt, use_ema=use_ema, strict=True)
-    except CheckpointMismatchError as e:
-        raise UserError(f"{label} does not fit model {cfg.model.name}: {e}") from None
-    crop_mode = "center" if args.config or _stored_config(ckpt) else _timm_preprocessing(cfg, model, args)
-    return model, cfg, load, crop_mode
+    return EvalSpec(model=args.model, config=args.config, use_ema=args.use_ema, overrides=overrides)
 
 
 def pretrained_model(src: Source, cfg: Config, args: argparse.Namespace) -> nn.Module:
@@ -312,46 +220,11 @@ def pretrained_model(src: Source, cfg: Config, args: argparse.Namespace) -> nn.M
             state_dict = strip_prefixes(extract_state_dict(load_checkpoint(src.weights_file), args.use_ema))
         except CheckpointMismatchError as e:
             raise UserError(f"{src.weights_file}: {e}") from None
-        head = state_dict.get(f"{_classifier_and_stem(src.timm_name)[0]}.weight")
+        head = state_dict.get(f"{classifier_and_stem(src.timm_name)[0]}.weight")
         num_classes = int(head.shape[0]) if head is not None and head.dim() == 2 else None
     elif args.use_ema:
         raise UserError(f"--use-ema: {src.label} holds one set of weights (EMA applies to checkpoints with model_ema)")
     return build_pretrained(src.timm_name, state_dict, num_classes, img_size=args.img_size, **cfg.model.kwargs)
-
-
-def authors_crop_pct(name: str, timm_crop_pct: float) -> float:
-    """The centre-crop fraction a model's authors evaluated with: DeiT's main.py evaluates its
-    releases at ``--eval-crop-ratio 0.875`` whatever the size (timm's configs for them say 0.9,
-    1.0 at 384); timm's own value for every other model."""
-    return DEIT_EVAL_CROP_PCT if _DEIT_RELEASE.match(name) else timm_crop_pct
-
-
-def _timm_preprocessing(cfg: Config, model: nn.Module, args: argparse.Namespace) -> str:
-    """For a model without a stored config: timm's data config of the built model (size, crop,
-    interpolation, mean/std; the crop as its authors evaluated), unless the command line sets
-    them. Returns timm's crop mode."""
-    data = timm.data.resolve_input_data_config(model)
-    data["crop_pct"] = authors_crop_pct(cfg.model.name, data["crop_pct"])
-    cfg.model.img_size = data["input_size"][-1]
-    for key, flag in (("crop_pct", args.crop_pct), ("interpolation", args.interpolation),
-                      ("mean", args.mean), ("std", args.std)):
-        if flag is None:
-            setattr(cfg.data, key, list(data[key]) if key in ("mean", "std") else data[key])
-    return data.get("crop_mode") or "center"
-
-
-def eval_normalization(cfg: Config, in_chans: int) -> Tuple[List[float], List[float]]:
-    """mean/std of the eval transform without loading data: ``data.mean``/``data.std``, else the
-    defaults data/ gives the configured dataset (Fashion-MNIST's; ImageNet's for folders and RGB;
-    0.5 for grey)."""
-    d = cfg.data
-    if d.dataset.lower() in FASHION_MNIST_NAMES:
-        mean, std = FASHION_MNIST_MEAN, FASHION_MNIST_STD
-    elif d.dataset.lower() in IMAGEFOLDER_NAMES or in_chans == 3:
-        mean, std = IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-    else:
-        mean, std = GRAY_MEAN, GRAY_STD
-    return list(d.mean or mean), list(d.std or std)
 
 
 # ---------------------------------------------------------------- classes
@@ -408,17 +281,18 @@ def peak_memory_mb(device: torch.device) -> float:
 
 def evaluate_source(src: Source, args: argparse.Namespace,
                     info: Optional[dist.DistInfo]) -> Tuple[Dict[str, Any], dist.DistInfo]:
+    spec = eval_spec(args)
     if src.path:
         ckpt = load_checkpoint(src.path)
-        model, cfg, load, crop_mode = checkpoint_model(args, ckpt, src.label)
+        model, cfg, load, crop_mode = checkpoint_model(spec, ckpt, src.label)
         weights = {"source": load.source, "dropped": load.dropped, "resampled": load.resampled}
         trained_classes = ckpt.get("classes")
     else:
-        cfg = resolve_config(args, None, src.label, src.stored_config)
+        cfg = eval_config(spec, None, src.label, src.stored_config)
         model = pretrained_model(src, cfg, args)
         weights = {"source": "timm", "dropped": [], "resampled": []}
         trained_classes = model.pretrained_cfg.get("label_names")
-        crop_mode = "center" if args.config or src.stored_config else _timm_preprocessing(cfg, model, args)
+        crop_mode = "center" if args.config or src.stored_config else timm_preprocessing(cfg, model, spec)
     if info is None:
         info = dist.init_distributed(cfg.train.device, cfg.train.dist_backend)
     d, img_size = cfg.data, cfg.model.img_size

@@ -13,20 +13,21 @@ import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Callable, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from torch.utils.data import Dataset, Subset
+from torchvision.datasets import ImageFolder
+from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
 from engine.config import FASHION_MNIST_NAMES, IMAGEFOLDER_NAMES, DataConfig, dataset_name_problem
 from engine.errors import UserError
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
 FASHION_MNIST_MEAN, FASHION_MNIST_STD = (0.2860,), (0.3530,)
-IMG_EXTENSIONS = (".jpg", ".jpeg", ".png", ".ppm", ".bmp", ".pgm", ".tif", ".tiff", ".webp")
 # Generic normalisation for 1-channel data from timm's factory (3-channel data gets ImageNet's).
 GRAY_MEAN, GRAY_STD = (0.5,), (0.5,)
 
@@ -173,78 +174,71 @@ def load_fashion_mnist(root: str, split: str, download: bool = False) -> Fashion
 
 # ----------------------------------------------------------------------------- ImageFolder
 
-def _is_image_name(name: str) -> bool:
-    return name.lower().endswith(IMG_EXTENSIONS)
-
-
-def scan_image_folder(split_dir: str, bad_images: str) -> Tuple[List[str], List[Tuple[str, int]], List[str]]:
-    """Classes (sorted sub-folder names), ``(path, class index)`` samples in sorted order, and
-    the non-image files left out (only with ``bad_images == 'skip'``; with ``'error'`` the
-    first one raises). Hidden files (``.DS_Store``, ``._x.JPEG``) are ignored."""
-    if not os.path.isdir(split_dir):
-        raise UserError(f"data.root: dataset directory {split_dir} does not exist (expected the ImageNet "
-                        "layout <data.root>/<split>/<class>/<image>)")
-    classes = sorted(e.name for e in os.scandir(split_dir) if e.is_dir() and not e.name.startswith("."))
-    if not classes:
-        hint = ""
-        if any(_is_image_name(n) for n in os.listdir(split_dir)):
-            hint = " It holds images directly: sort a flat ImageNet val folder with scripts/prepare_imagenet_val.py."
-        raise UserError(f"data.root: {split_dir} has no class folders.{hint}")
-    samples: List[Tuple[str, int]] = []
-    rejected: List[str] = []
-    for index, name in enumerate(classes):
-        class_dir = os.path.join(split_dir, name)
-        found = 0
-        for dirpath, dirnames, filenames in os.walk(class_dir, followlinks=True):
-            dirnames.sort()
-            for fname in sorted(filenames):
-                if fname.startswith("."):
-                    continue
-                path = os.path.join(dirpath, fname)
-                if not _is_image_name(fname):
-                    if bad_images == "error":
-                        raise UserError(f"{path} is not an image file (extensions {', '.join(IMG_EXTENSIONS)}); "
-                                        "remove it or set data.bad_images=skip")
-                    rejected.append(path)
-                    continue
-                samples.append((path, index))
-                found += 1
-        if found == 0:
-            raise UserError(f"empty class folder {class_dir}: it holds no images; remove it or add its images")
-    return classes, samples, rejected
-
-
-def _load_rgb(path: str) -> Image.Image:
-    with open(path, "rb") as f:
-        img = Image.open(f)
-        return img.convert("RGB")  # convert() decodes fully, so a truncated file fails here
-
-
 # What PIL raises for unreadable files (PNG plugins raise SyntaxError for broken chunks).
 _DECODE_ERRORS = (OSError, SyntaxError, ValueError, EOFError, Image.DecompressionBombError)
 
 
-class ImageFolderDataset(Dataset):
-    """``<split_dir>/<class>/**/<image>`` with sorted classes; items are ``(transform(RGB image), label)``.
+class _Unreadable(Exception):
+    """An image file PIL cannot decode (raised by the loader, handled by the bad-image policy)."""
 
-    Unreadable images follow ``bad_images``: ``'error'`` raises a UserError naming the file;
-    ``'skip'`` serves the next readable sample instead (so batches keep their size, which
-    mixup needs) and marks the file in a flag tensor in shared memory, so every loader worker
-    skips it without retrying and ``skipped()`` counts distinct bad files across workers.
+
+def _load_rgb(path: str) -> Image.Image:
+    try:
+        return pil_loader(path)  # convert("RGB") decodes fully, so a truncated file fails here
+    except _DECODE_ERRORS as e:
+        raise _Unreadable(e) from None
+
+
+class ImageFolderDataset(ImageFolder):
+    """torchvision's ``ImageFolder`` (``<split_dir>/<class>/**/<image>``, sorted classes, items
+    ``(transform(RGB image), label)``) with our bad-image policy and one-line errors.
+
+    Hidden files and folders (``.DS_Store``, ``._x.JPEG``, ``.ipynb_checkpoints``) are ignored.
+    Other files ``bad_images`` decides: ``'error'`` raises a UserError naming the first non-image
+    file, or an unreadable image when it is read; ``'skip'`` leaves non-image files out (warning
+    once) and serves the next readable sample in place of an unreadable image (so batches keep
+    their size, which mixup needs), marking it in a flag tensor in shared memory, so every loader
+    worker skips it without retrying and ``skipped()`` counts distinct bad files across workers.
     """
 
     def __init__(self, split_dir: str, bad_images: str = "error", transform: Optional[Callable] = None):
-        self.root, self.bad_images, self.transform = split_dir, bad_images, transform
-        self.classes, self.samples, self.rejected = scan_image_folder(split_dir, bad_images)
-        self.targets = [t for _, t in self.samples]
+        if not os.path.isdir(split_dir):
+            raise UserError(f"data.root: dataset directory {split_dir} does not exist (expected the ImageNet "
+                            "layout <data.root>/<split>/<class>/<image>)")
+        self.bad_images, self.rejected = bad_images, []
+        super().__init__(split_dir, transform=transform, loader=_load_rgb, is_valid_file=self._is_valid_file,
+                         allow_empty=True)
+        empty = sorted(set(self.classes) - {self.classes[t] for t in self.targets})
+        if empty:
+            raise UserError(f"empty class folder {os.path.join(split_dir, empty[0])}: it holds no images; remove "
+                            "it or add its images")
         self._bad = torch.zeros(len(self.samples), dtype=torch.uint8).share_memory_()
         self._reported = 0
         if self.rejected:
             warnings.warn(f"data.bad_images=skip: left out {len(self.rejected)} non-image file(s) in {split_dir} "
                           f"(first: {self.rejected[0]})", stacklevel=2)
 
-    def __len__(self) -> int:
-        return len(self.samples)
+    def find_classes(self, directory: str) -> Tuple[List[str], Dict[str, int]]:
+        # torchvision's counts hidden folders as classes and raises FileNotFoundError without a hint
+        classes = sorted(e.name for e in os.scandir(directory) if e.is_dir() and not e.name.startswith("."))
+        if not classes:
+            hint = ""
+            if any(has_file_allowed_extension(n, IMG_EXTENSIONS) for n in os.listdir(directory)):
+                hint = (" It holds images directly: sort a flat ImageNet val folder with "
+                        "scripts/prepare_imagenet_val.py.")
+            raise UserError(f"data.root: {directory} has no class folders.{hint}")
+        return classes, {name: i for i, name in enumerate(classes)}
+
+    def _is_valid_file(self, path: str) -> bool:
+        if os.path.basename(path).startswith("."):
+            return False
+        if has_file_allowed_extension(path, IMG_EXTENSIONS):
+            return True
+        if self.bad_images == "error":
+            raise UserError(f"{path} is not an image file (extensions {', '.join(IMG_EXTENSIONS)}); "
+                            "remove it or set data.bad_images=skip")
+        self.rejected.append(path)
+        return False
 
     def __getitem__(self, index: int):
         n = len(self.samples)
@@ -254,10 +248,10 @@ class ImageFolderDataset(Dataset):
         for i in (j % n for j in range(index, index + n)):
             if self._bad[i]:
                 continue
-            path, target = self.samples[i]
             try:
-                img = _load_rgb(path)
-            except _DECODE_ERRORS as e:
+                return super().__getitem__(i)
+            except _Unreadable as e:
+                path = self.samples[i][0]
                 if self.bad_images == "error":
                     raise UserError(f"cannot read image {path}: {e}; remove it or set data.bad_images=skip") from None
                 first = not bool(self._bad.any())
@@ -265,8 +259,6 @@ class ImageFolderDataset(Dataset):
                 if first:
                     warnings.warn(f"data.bad_images=skip: skipping unreadable image {path} ({e}); further ones are "
                                   "counted and reported at the next epoch", stacklevel=2)
-                continue
-            return (self.transform(img) if self.transform is not None else img), target
         raise UserError(f"no readable image in {self.root}")
 
     def skipped(self) -> List[str]:
@@ -345,16 +337,31 @@ def create_dataset(cfg: DataConfig, split: str, training: bool) -> Tuple[Dataset
         raise UserError(f"data.dataset = {name!r} {problem}")
     if name.lower() in FASHION_MNIST_NAMES:
         ds = load_fashion_mnist(cfg.root, split, cfg.download)
-        return ds, DatasetInfo("fashion_mnist", 10, 1, FASHION_MNIST_MEAN, FASHION_MNIST_STD, FashionMNIST.classes)
+        return ds, DatasetInfo("fashion_mnist", 10, 1, *default_normalization(name, 1), FashionMNIST.classes)
     if name.lower() in IMAGEFOLDER_NAMES:
         ds = ImageFolderDataset(split_dir(cfg, split), cfg.bad_images)
-        return ds, DatasetInfo(name, len(ds.classes), 3, tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD),
-                               tuple(ds.classes))
+        return ds, DatasetInfo(name, len(ds.classes), 3, *default_normalization(name, 3), tuple(ds.classes))
     ds = _timm_dataset(cfg, split, training)
     in_chans = _channels_of(ds, name)
-    mean, std = (GRAY_MEAN, GRAY_STD) if in_chans == 1 else (tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD))
     classes = _timm_class_names(ds)
-    return ds, DatasetInfo(name, len(classes or ()), in_chans, mean, std, classes)
+    return ds, DatasetInfo(name, len(classes or ()), in_chans, *default_normalization(name, in_chans), classes)
+
+
+def default_normalization(dataset: str, in_chans: int) -> Tuple[Tuple[float, ...], Tuple[float, ...]]:
+    """The mean/std a dataset gets unless ``data.mean``/``data.std`` say otherwise: Fashion-MNIST's
+    own; ImageNet's for folders and 3-channel data; 0.5 for other 1-channel data."""
+    if dataset.lower() in FASHION_MNIST_NAMES:
+        return FASHION_MNIST_MEAN, FASHION_MNIST_STD
+    if dataset.lower() in IMAGEFOLDER_NAMES or in_chans == 3:
+        return tuple(IMAGENET_DEFAULT_MEAN), tuple(IMAGENET_DEFAULT_STD)
+    return GRAY_MEAN, GRAY_STD
+
+
+def normalization(cfg: DataConfig, in_chans: int) -> Tuple[List[float], List[float]]:
+    """mean/std of ``cfg``'s transforms for a model taking ``in_chans`` channels, without reading
+    any data: ``data.mean``/``data.std``, else ``default_normalization``."""
+    mean, std = default_normalization(cfg.dataset, in_chans)
+    return list(cfg.mean or mean), list(cfg.std or std)
 
 
 def take_subset(ds: Dataset, n: Optional[int]) -> Dataset:

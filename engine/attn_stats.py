@@ -169,13 +169,6 @@ class AttentionStats:
             out += torch.stack([c.double().cpu() for c in cols], dim=-1)
         return out
 
-    def merge(self, other: "AttentionStats") -> None:
-        """Add another accumulator's sums (same eps, s and thresholds) into this one."""
-        if (other.eps, other.s, other.thresholds) != (self.eps, self.s, self.thresholds):
-            raise ValueError("cannot merge attention statistics with different eps, s or thresholds")
-        for name, sums in other._sums.items():
-            self._layer(name, sums.shape[0]).add_(sums)
-
     def to_tensor(self) -> torch.Tensor:
         """All sums as one flat float64 tensor, layers in natural name order."""
         if not self._sums:

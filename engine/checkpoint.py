@@ -1,24 +1,28 @@
 """Checkpoints that survive crashes and never execute code when loaded.
 
-A training checkpoint is a plain dict; every leaf is a tensor or a plain python value, so
-``torch.load(path, weights_only=True)`` reads it:
+The format (``FORMAT_VERSION`` 1; written by ``engine.run.training_state``) is a plain dict:
 
-    model              the model's state_dict (the key DeiT's and the paper's checkpoints use too)
-    model_ema          the EMA weights' state_dict, or None
-    optimizer, scaler  AdamW's state_dict; the fp16 GradScaler's, or None
+    model              the model's state dict (unwrapped: no ``module.`` / ``_orig_mod.`` prefixes)
+    model_ema          the EMA weights' state dict, or None without ``train.ema``
+    optimizer          AdamW's state dict
+    scaler             the fp16 GradScaler's state dict, or None
     epoch              the last completed epoch (0-based, as in log.jsonl)
-    step               optimizer steps done (skipped ones included: the LR is a function of it)
+    step               optimizer steps done in all, skipped ones included (the lr is a function of it)
     epoch_step         0, or for a mid-epoch checkpoint (written on a stop signal) the optimizer
                        steps of epoch ``epoch + 1`` already done
     epoch_sums         with epoch_step > 0: that epoch's running sums so far (loss, grad_norm,
-                       good, skipped, ... steps; engine.loop.EpochSums), so that its log row
+                       good, skipped, ... steps; ``engine.loop.EpochSums``), so that its log row
                        averages over all its steps; else None
-    consecutive_skips  skipped optimizer steps in a row so far (train.max_consecutive_skips)
+    consecutive_skips  skipped optimizer steps in a row so far (``train.max_consecutive_skips``)
     best               {"metric", "value", "epoch"} of the best evaluation so far
-    rng                {"ranks": [per-rank python/numpy/torch/CUDA generator states]}
-    config             the run's config as YAML text
-    classes            the training set's class names, or None
-    format_version     1
+    rng                {"ranks": [one python/numpy/torch/CUDA RNG state per rank]} (``capture_rng_state``)
+    config             the run's config as YAML text (``engine.config.dump_config``)
+    classes            the training set's class names by label, or None when it has none
+    format_version     ``FORMAT_VERSION``
+
+Every leaf is a tensor or a plain python value, so ``torch.load(path, weights_only=True)``
+reads it. The ``model`` key is the one DeiT's and the paper's code use too, so their
+checkpoints load through the same door (``models.load_weights``).
 
 Writes are atomic: a temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory. A crash or a full disk at any moment leaves the previous file whole.

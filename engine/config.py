@@ -15,10 +15,13 @@ import datetime
 import difflib
 import functools
 import importlib.metadata
+import importlib.util
 import math
 import os
 import platform
 import subprocess
+import sys
+import types
 import typing
 from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
@@ -28,6 +31,22 @@ import yaml
 from .cpu_alloc import ALLOCATOR_MODES
 from .errors import UserError
 
+
+def _model_choices() -> types.ModuleType:
+    """``models.choices``, the values of the model knobs, loaded from its file without running
+    ``models/__init__`` (torch, timm: seconds a config check does not need). It is registered
+    under its own name, so a later ``import models`` uses this very module."""
+    name = "models.choices"
+    if name not in sys.modules:
+        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "choices.py")
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+MODEL_CHOICES = _model_choices()
 # How AdamW runs (torch.optim.AdamW's implementations, the same update): auto picks fused where
 # torch has the fused kernel for the parameters' device and dtype (CPU and CUDA), else torch's default.
 ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
@@ -54,14 +73,14 @@ class ModelConfig:
     in_chans: Optional[int] = None             # None: taken from the dataset
     # None: the registered variant's (*_multimax_* → multimax, *_gap_* → softmax); train.py records
     # the normalizers it built in the run's config.yaml
-    attn_normalizer: Optional[str] = None      # softmax | multimax | sparsemax | entmax15 | evsoftmax
-    out_normalizer: Optional[str] = None       # softmax | multimax
+    attn_normalizer: Optional[str] = None      # models/choices.py: NORMALIZERS
+    out_normalizer: Optional[str] = None       # OUT_NORMALIZERS
     modulator_order: int = 2
-    modulator_init: str = "trunc_normal"       # trunc_normal | zeros
+    modulator_init: str = "trunc_normal"       # MODULATOR_INITS
     modulator_affine: bool = False             # x -> t*x + b before sigma (authors' later variant)
     softmax_temperature: float = 1.0
     qkv_bias: bool = False                     # the paper's code has none
-    attn_backend: str = "auto"                 # auto | sdpa | explicit | flex | chunked
+    attn_backend: str = "auto"                 # ATTN_BACKENDS (which runs where: docs/PERFORMANCE.md)
     # Dropout as timm 1.x names it. The paper's (and DeiT's) `drop_rate` is pos_drop_rate and
     # proj_drop_rate at one value; timm 1.x's drop_rate is the head dropout, which the paper's code lacks.
     drop_rate: float = 0.0                     # before the classifier head
@@ -421,10 +440,10 @@ def _type_name(tp: Any) -> str:
 # ---------------------------------------------------------------- value ranges
 
 _CHOICES: Dict[str, Tuple[str, ...]] = {
-    "model.attn_normalizer": ("softmax", "multimax", "sparsemax", "entmax15", "evsoftmax"),
-    "model.out_normalizer": ("softmax", "multimax"),
-    "model.modulator_init": ("trunc_normal", "zeros"),
-    "model.attn_backend": ("auto", "sdpa", "explicit", "flex", "chunked"),
+    "model.attn_normalizer": MODEL_CHOICES.NORMALIZERS,
+    "model.out_normalizer": MODEL_CHOICES.OUT_NORMALIZERS,
+    "model.modulator_init": MODEL_CHOICES.MODULATOR_INITS,
+    "model.attn_backend": MODEL_CHOICES.ATTN_BACKENDS,
     "data.train_transform": ("deit", "light", "none"),
     "data.interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"),
     "data.remode": ("pixel", "rand", "const"),  # timm's RandomErasing modes
@@ -455,7 +474,7 @@ def dataset_name_problem(name: str) -> Optional[str]:
     if slash and prefix == "hfds" and rest:
         return None
     if slash and prefix in TIMM_STREAMING_PREFIXES:
-        return (f"is a streaming (iterable) dataset, which the samplers here cannot shard; use an ImageFolder "
+        return ("is a streaming (iterable) dataset, which the samplers here cannot shard; use an ImageFolder "
                 "copy (imagefolder) or a map-style dataset (torch/<name>, hfds/<name>)")
     known = [*FASHION_MNIST_NAMES[:1], *IMAGEFOLDER_NAMES[:1], *(f"torch/{n}" for n in TIMM_TORCH_DATASETS)]
     if slash and prefix == "torch":

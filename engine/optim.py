@@ -172,8 +172,3 @@ def build_schedule(cfg: OptimConfig, base_lr: float, epochs: int,
         min_lr=cfg.min_lr,
         kind=cfg.sched,
     )
-
-
-def set_lr(optimizer: torch.optim.Optimizer, lr: float) -> None:
-    for group in optimizer.param_groups:
-        group["lr"] = lr

@@ -10,7 +10,7 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
 
 import torch
 from matplotlib import colormaps
@@ -18,7 +18,9 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from models.multimax import SegLU, seglu
+from models.weights import CheckpointMismatchError, detect_source, extract_state_dict, from_paper, strip_prefixes
 
+from .checkpoint import load_checkpoint
 from .errors import UserError
 
 
@@ -31,20 +33,19 @@ class ModulatorParams(NamedTuple):
     shift: Optional[torch.Tensor] = None
 
 
-# Modulator keys in a state dict (after DDP/compile prefixes): ours, with the affine variant's
-# scale/shift, and those of the paper's code (blocks.{i}.attn.{ranges,ts}, top-level ranges/ts).
-_PREFIX = re.compile(r"^(?:(?:module|_orig_mod)\.)+")
-_OUR_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.normalizer\.modulator|out_modulator)\.(ranges|ts|scale|shift)$")
-_PAPER_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.)?(ranges|ts)$")
+# A modulator's parameters in a state dict under our names (the paper's are mapped onto them)
+_MODULATOR_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.normalizer\.modulator|out_modulator)\.(ranges|ts|scale|shift)$")
 
 
 def modulators_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, ModulatorParams]:
-    """The modulators in a state dict, keyed ``blocks.{i}`` (attention layer i) and ``out``
-    (the output layer), blocks in order then ``out``. Empty for a softmax model."""
+    """The modulators in a state dict (ours or the paper's code's), keyed ``blocks.{i}`` (attention
+    layer i) and ``out`` (the output layer), blocks in order then ``out``. Empty for a softmax model."""
+    state_dict = strip_prefixes(state_dict)
+    if detect_source(state_dict) == "paper":
+        state_dict = from_paper(state_dict)[0]
     found: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
-        key = _PREFIX.sub("", key)
-        m = _OUR_KEY.match(key) or _PAPER_KEY.match(key)
+        m = _MODULATOR_KEY.match(key)
         if m:
             name = f"blocks.{m.group(1)}" if m.group(1) is not None else "out"
             found.setdefault(name, {})[m.group(2)] = value.detach().float().cpu()
@@ -59,6 +60,19 @@ def modulators_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[s
     return out
 
 
+def checkpoint_modulators(path: str, use_ema: bool = False) -> Tuple[Dict[str, Any], Dict[str, ModulatorParams]]:
+    """The checkpoint file at ``path`` and its modulators (``modulators_from_state_dict``); a file
+    without weights or without modulators (a softmax model) is a UserError naming it."""
+    ckpt = load_checkpoint(path, mmap=True)
+    try:
+        found = modulators_from_state_dict(extract_state_dict(ckpt, use_ema))
+    except CheckpointMismatchError as e:
+        raise UserError(f"{path}: {e}") from None
+    if not found:
+        raise UserError(f"{path} has no MultiMax modulators (a softmax model?)")
+    return ckpt, found
+
+
 def model_curves(mods: Mapping[str, SegLU]) -> Dict[str, ModulatorParams]:
     """``models.modulators(model)`` → name → parameters (detached, CPU), for ``modulator_figure``."""
     def cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
@@ -69,11 +83,7 @@ def model_curves(mods: Mapping[str, SegLU]) -> Dict[str, ModulatorParams]:
 
 def modulator_curve(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
     """σ(x) for ``params`` = (ranges, ts) or (ranges, ts, scale, shift); x any shape, float."""
-    p = ModulatorParams(*params)
-    ranges, ts = torch.as_tensor(p.ranges, dtype=x.dtype), torch.as_tensor(p.ts, dtype=x.dtype)
-    if p.scale is not None:
-        x = x * torch.as_tensor(p.scale, dtype=x.dtype) + torch.as_tensor(p.shift, dtype=x.dtype)
-    return seglu(x, ranges, ts)
+    return seglu(x, *(None if p is None else torch.as_tensor(p, dtype=x.dtype) for p in ModulatorParams(*params)))
 
 
 def short_name(name: str) -> str:
@@ -270,8 +280,8 @@ def save_figure(fig: Figure, out: str, pdf: bool = False, dpi: int = 150) -> Lis
     return paths
 
 
-__all__ = ["ModulatorParams", "modulators_from_state_dict", "model_curves", "modulator_curve", "short_name", "modulator_figure",
-           "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
+__all__ = ["ModulatorParams", "modulators_from_state_dict", "checkpoint_modulators", "model_curves", "modulator_curve",
+           "short_name", "modulator_figure", "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
            "figure_formats", "check_figure_output", "check_finite", "save_figure"]
 
 

@@ -1,4 +1,5 @@
 """MultiMax models. Importing this package registers the models with timm."""
+from . import choices  # an attribute here even when engine.config loaded it before this package
 from .attention import MultiMaxAttention
 from .multimax import (
     NORMALIZERS, SegLU, build_normalizer, entmax15, evsoftmax, modulators, multimax, seglu,
@@ -11,7 +12,7 @@ from .weights import (
 )
 
 __all__ = [
-    "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "NORMALIZERS", "SegLU",
+    "choices", "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "NORMALIZERS", "SegLU",
     "build_normalizer", "entmax15", "evsoftmax", "modulators", "multimax", "seglu", "softmax",
     "sparsemax", "MultiMaxVisionTransformer", "CheckpointMismatchError", "CheckpointReadError", "LoadResult",
     "infer_model_kwargs", "load_weights", "read_checkpoint",

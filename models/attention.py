@@ -1,20 +1,17 @@
 """Multi-head self-attention with a configurable normalizer (MultiMax, softmax, sparsemax, ...).
 
-Drop-in for timm's ``Attention``: same constructor arguments and the same ``qkv`` / ``proj``
-parameter names and shapes, so timm/DeiT weights load. The normalizer's parameters (for
+Drop-in for timm's ``Attention`` in timm's ``Block``: the arguments Block passes, and the same
+``qkv`` / ``proj`` parameter names and shapes, so timm/DeiT weights load. The normalizer's parameters (for
 MultiMax, the SegLU modulator) sit at ``<block>.attn.normalizer.modulator.{ranges,ts}``.
 
-Backends (``backend=``):
+Backends (``backend=``; the kernels are described in ``models.attention_kernels``):
 - ``sdpa``: ``F.scaled_dot_product_attention``; softmax only (temperature folded into the scale).
-- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v. Materialises the
-  (B, H, N, N) scores. For MultiMax, q·kᵀ → σ + softmax → @v is one autograd Function with a
-  hand-written backward (``attention_kernels.modulated_attention``); free of graph breaks, so
-  torch.compile fuses σ, the softmax and their backward. With attention dropout or while
-  recording, σ + softmax alone is one Function (``attention_kernels.modulated_softmax``).
-  Inference (no gradient) on CPU runs in cache-sized blocks of heads per batch entry.
-- ``flex``: ``flex_attention`` with ``score_mod`` = σ (see ``models.attention_kernels``);
-  multimax/softmax, no attention dropout, no masks; CPU: forward only (under no_grad).
-- ``chunked``: memory-efficient, every device: query chunks, scores recomputed in backward;
+- ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v, materialising the
+  (B, H, N, N) scores; for MultiMax ``attention_kernels.modulated_attention`` (without dropout)
+  or ``modulated_softmax`` (with it, or while recording).
+- ``flex``: ``attention_kernels.flex_attention_with``; multimax/softmax, no attention dropout,
+  no masks; CPU: forward only (under no_grad).
+- ``chunked``: ``attention_kernels.chunked_attention``, memory-efficient on every device;
   multimax/softmax, no attention dropout.
 - ``auto``: sdpa for softmax; for multimax on CUDA flex where flex is usable (Triton present,
   no mask, no attention dropout while training) and, when gradients are on, only where its
@@ -42,9 +39,8 @@ from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
     flex_training_proven, modulated_attention, modulated_softmax,
 )
-from .multimax import NORMALIZERS, build_normalizer
-
-ATTN_BACKENDS = ("auto", "sdpa", "explicit", "flex", "chunked")
+from .choices import ATTN_BACKENDS
+from .multimax import build_normalizer
 
 # FX traces a call to these as one node: they branch on their inputs (grad, device, shapes, masks)
 for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "flex_attention_with",
@@ -53,7 +49,12 @@ for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "
 
 
 class MultiMaxAttention(nn.Module):
-    """Self-attention over tokens. Input (B, N, C) → output (B, N, C)."""
+    """Self-attention over tokens. Input (B, N, C) → output (B, N, C).
+
+    Takes the arguments timm's ``Block`` gives its attention layer (timm 1.0.23 to 1.0.31: dim,
+    num_heads, qkv_bias, qk_norm, scale_norm, proj_bias, attn_drop, proj_drop, norm_layer, device,
+    dtype), then the normalizer's; any other argument is a TypeError naming it.
+    """
 
     def __init__(
         self,
@@ -74,7 +75,6 @@ class MultiMaxAttention(nn.Module):
         backend: str = "auto",
         device=None,
         dtype=None,
-        **unused,
     ) -> None:
         super().__init__()
         if dim % num_heads:
@@ -187,4 +187,4 @@ def _additive_mask(
     return attn_mask.float()
 
 
-__all__ = ["MultiMaxAttention", "ATTN_BACKENDS", "NORMALIZERS"]
+__all__ = ["MultiMaxAttention"]

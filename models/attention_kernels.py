@@ -33,7 +33,7 @@ from typing import Callable, List, NamedTuple, Optional, Tuple
 import torch
 import torch.nn as nn
 
-from .multimax import seglu
+from .multimax import _f32, seglu
 
 try:
     from torch.nn.attention.flex_attention import flex_attention as _flex_attention
@@ -76,11 +76,6 @@ class ScoreModulation(NamedTuple):
         )
 
 
-def _f32(x: torch.Tensor) -> torch.Tensor:
-    """Half precision to float32; float32/float64 stay as they are."""
-    return x if x.dtype in (torch.float32, torch.float64) else x.float()
-
-
 def _acc_dtype(x: torch.Tensor) -> torch.dtype:
     """float32 for half precision, else x's dtype: where sums and φ are computed."""
     return torch.promote_types(x.dtype, torch.float32)
@@ -88,11 +83,7 @@ def _acc_dtype(x: torch.Tensor) -> torch.dtype:
 
 def modulate(s: torch.Tensor, params: Params) -> torch.Tensor:
     """φ(s), elementwise (see ``ScoreModulation``)."""
-    if not params:
-        return s
-    if len(params) == 4:
-        s = s * params[2] + params[3]
-    return seglu(s, params[0], params[1])
+    return seglu(s, *params) if params else s
 
 
 def modulate_backward(s: torch.Tensor, grad: torch.Tensor, params: Params) -> Tuple[torch.Tensor, List[torch.Tensor]]:
@@ -206,8 +197,9 @@ def modulated_softmax(
         return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
 
 
-# Scores of one block of heads in the no-gradient CPU path: small enough to stay in a core's L2
-# cache between the q·kᵀ product, φ + softmax and the product with v.
+# Scores of one block (heads of one batch entry, or whole entries) in the no-gradient CPU path:
+# small enough to stay in a core's L2 cache between the q·kᵀ product, φ + softmax and the product
+# with v.
 CPU_BLOCK_ELEMENTS = 2 ** 17
 # Under torch.compile every block is a separate piece of the traced graph: past this many blocks
 # per call (large batches), one block is traced instead, to keep compile time bounded.
@@ -286,18 +278,24 @@ def modulated_attention(
     Scores in q's dtype (autocast's if on), φ and the softmax in float32 with autocast off, the
     product with v in v's dtype (autocast's if on). With a gradient: ``_ModulatedAttention``
     (one autograd Function for the whole attention, hand-written backward). Without one
-    (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks of heads
-    of one batch entry whose scores fit in cache, so the (B, H, N, N) scores and probabilities
-    are never written out to main memory.
+    (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks (heads of
+    one batch entry, or whole entries) whose scores fit in cache, so the (B, H, N, N) scores and
+    probabilities are never written out to main memory.
     """
     inputs = (q, k, v, bias, *modulation.params)
     factor = modulation.scale_factor
     scale, bias = scale * factor, None if bias is None else bias * factor
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _ModulatedAttention.apply(q, k, v, bias, scale, *modulation.params)
-    heads = None if bias is not None else _heads_per_block(q, k)
-    if heads is None:
+    blocks = None if bias is not None else _cpu_blocks(q, k)
+    if blocks is None:
         return _inference_block(q, k, v, scale, bias, modulation.params)
+    entries, heads = blocks
+    if heads == q.shape[1]:  # whole batch entries per block
+        return torch.cat([
+            _inference_block(q[b:b + entries], k[b:b + entries], v[b:b + entries], scale, None, modulation.params)
+            for b in range(0, q.shape[0], entries)
+        ])
     # blocks of heads within one batch entry: q[b, h:h+n] is a 3-D strided view that the
     # products read in place (flattening (B, H) of the model's q, k, v would copy them)
     out = torch.cat([
@@ -307,17 +305,21 @@ def modulated_attention(
     return out.unflatten(0, q.shape[:2])
 
 
-def _heads_per_block(q: torch.Tensor, k: torch.Tensor) -> Optional[int]:
-    """Heads per block of the CPU inference path, or None for one block: not on CPU, not
-    (B, H, N, D), dynamic shapes, or too many blocks to trace under torch.compile."""
+def _cpu_blocks(q: torch.Tensor, k: torch.Tensor) -> Optional[Tuple[int, int]]:
+    """(batch entries, heads) per block of the CPU inference path: as many heads of one entry as
+    fit ``CPU_BLOCK_ELEMENTS`` scores, or when all of an entry's heads fit, as many whole entries
+    (small images: one block per entry would be mostly per-call overhead). None for one block:
+    not on CPU, not (B, H, N, D), dynamic shapes, or too many blocks to trace under torch.compile."""
     scores = q.shape[-2] * k.shape[-2]
     if q.device.type != "cpu" or q.dim() != 4 or any(isinstance(x, torch.SymInt) for x in (*q.shape, scores)):
         return None
-    heads = max(1, min(q.shape[1], CPU_BLOCK_ELEMENTS // scores))
-    blocks = q.shape[0] * -(-q.shape[1] // heads)
+    batch, num_heads = q.shape[:2]
+    heads = max(1, min(num_heads, CPU_BLOCK_ELEMENTS // scores))
+    entries = min(batch, max(1, CPU_BLOCK_ELEMENTS // (num_heads * scores))) if heads == num_heads else 1
+    blocks = -(-batch // entries) * -(-num_heads // heads)
     if blocks == 1 or (torch.compiler.is_compiling() and blocks > MAX_TRACED_BLOCKS):
         return None
-    return heads
+    return entries, heads
 
 
 def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:

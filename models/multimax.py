@@ -19,14 +19,17 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-NORMALIZERS = ("softmax", "multimax", "sparsemax", "entmax15", "evsoftmax")
-OUT_NORMALIZERS = ("softmax", "multimax")
-MODULATOR_INITS = ("trunc_normal", "zeros")
+from .choices import MODULATOR_INITS, NORMALIZERS
+
 EVSOFTMAX_TRAIN_EPS = 1e-6
 
 
-def seglu(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor) -> torch.Tensor:
-    """The SegLU modulator σ(x), elementwise, any shape. ``ranges``/``ts``: (2N,)."""
+def seglu(x: torch.Tensor, ranges: torch.Tensor, ts: torch.Tensor,
+          scale: Optional[torch.Tensor] = None, shift: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """The SegLU modulator σ(x), elementwise, any shape. ``ranges``/``ts``: (2N,) (or sequences
+    of 0-d tensors). With ``scale``/``shift``: σ(scale·x + shift), the affine variant."""
+    if scale is not None:
+        x = x * scale + shift
     out = x
     for n in range(len(ranges) // 2):
         power = n + 1
@@ -130,10 +133,7 @@ class SegLU(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         with _no_autocast(x):
-            y = _f32(x)
-            if self.scale is not None:
-                y = y * self.scale + self.shift
-            return seglu(y, _f32(self.ranges), _f32(self.ts)).to(x.dtype)
+            return seglu(_f32(x), _f32(self.ranges), _f32(self.ts), self.scale, self.shift).to(x.dtype)
 
     def extra_repr(self) -> str:
         return f"order={self.order}, init={self.init}, affine={self.scale is not None}"
@@ -248,7 +248,7 @@ def modulators(model: nn.Module) -> Dict[str, SegLU]:
 
 
 __all__ = [
-    "NORMALIZERS", "OUT_NORMALIZERS", "MODULATOR_INITS", "seglu", "multimax", "softmax",
+    "NORMALIZERS", "MODULATOR_INITS", "seglu", "multimax", "softmax",
     "sparsemax", "entmax15", "evsoftmax", "SegLU", "Normalizer", "Softmax", "MultiMax",
     "Sparsemax", "Entmax15", "EvSoftmax", "build_normalizer", "modulators",
 ]

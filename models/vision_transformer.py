@@ -16,7 +16,8 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
 from .attention import MultiMaxAttention
-from .multimax import OUT_NORMALIZERS, SegLU
+from .choices import OUT_NORMALIZERS
+from .multimax import SegLU
 
 
 class MultiMaxVisionTransformer(VisionTransformer):

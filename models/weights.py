@@ -13,8 +13,13 @@ deliberately dropped, resampled or left at init.
 
 Key mapping:
 - ``module.`` / ``_orig_mod.`` prefixes (DDP, torch.compile) are stripped.
-- Paper code: ``blocks.{i}.attn.{ranges,ts}`` → ``blocks.{i}.attn.normalizer.modulator.{ranges,ts}``;
-  top-level ``ranges`` / ``ts`` → ``out_modulator.{ranges,ts}``.
+- Paper code (``from_paper``): ``blocks.{i}.attn.{ranges,ts}`` →
+  ``blocks.{i}.attn.normalizer.modulator.{ranges,ts}``; top-level ``ranges`` / ``ts`` →
+  ``out_modulator.{ranges,ts}``. Its "affine then first-order" variant (the authors' DeiT code at
+  commit 31ff228) adds 0-d ``blocks.{i}.attn.t`` / ``.b`` (σ(t·x + b) in attention) and keeps
+  ``ranges``/``ts`` of length 4 everywhere of which its first-order σ reads only the first 2:
+  ``t``/``b`` → ``modulator.scale``/``shift``, ``ranges``/``ts`` cut to 2, so it loads into a
+  ``modulator_affine`` model of order 1 (its output σ is plain first order, as ours).
 - timm/DeiT into a model without those tokens: ``cls_token`` / ``dist_token`` / ``reg_token`` /
   ``head_dist.*`` dropped with their rows of ``pos_embed``; a position grid of another size is
   resampled (``timm.layers.resample_abs_pos_embed``, as timm does); a head whose shape differs
@@ -40,7 +45,8 @@ from timm.layers import resample_abs_pos_embed
 
 _PREFIXES = ("module.", "_orig_mod.")
 _PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
-_PAPER_ATTN_KEY = re.compile(r"^(blocks\.\d+\.attn)\.(ranges|ts)$")
+_PAPER_ATTN_KEY = re.compile(r"^(blocks\.\d+\.attn)\.(ranges|ts|t|b)$")
+_PAPER_NAMES = {"ranges": "ranges", "ts": "ts", "t": "scale", "b": "shift"}
 # The one non-tensor class checkpoints may hold: DeiT's main.py saves its argparse arguments.
 SAFE_GLOBALS = (argparse.Namespace,)
 _MAX_REASON = 160  # longer library messages are left out rather than cut mid-sentence
@@ -181,12 +187,37 @@ def strip_prefixes(sd: Mapping[str, torch.Tensor]) -> Dict[str, torch.Tensor]:
     return out
 
 
-def _detect_source(sd: Mapping[str, torch.Tensor]) -> str:
+def detect_source(sd: Mapping[str, torch.Tensor]) -> str:
+    """The format of a state dict (prefixes stripped): ours | paper | timm."""
     if any(k.endswith("normalizer.modulator.ranges") or k.startswith("out_modulator.") for k in sd):
         return "ours"
     if "ranges" in sd or any(_PAPER_ATTN_KEY.match(k) for k in sd):
         return "paper"
     return "timm"
+
+
+def from_paper(sd: Mapping[str, torch.Tensor]) -> tuple[Dict[str, torch.Tensor], List[str]]:
+    """A state dict of the paper's code with its modulators under our names (see the module doc),
+    and what was left out: the entries of ``ranges``/``ts`` its first-order affine code never reads."""
+    affine = any(k.endswith(".attn.t") for k in sd)
+    out: Dict[str, torch.Tensor] = {}
+    cut = 0
+    for k, v in sd.items():
+        m = _PAPER_ATTN_KEY.match(k)
+        if m:
+            k, name = f"{m.group(1)}.normalizer.modulator", _PAPER_NAMES[m.group(2)]
+        elif k in ("ranges", "ts"):
+            k, name = "out_modulator", k
+        else:
+            out[k] = v
+            continue
+        if name in ("scale", "shift"):
+            v = v.reshape(1)
+        elif affine and v.shape[0] > 2:
+            v, cut = v[:2], cut + 1
+        out[f"{k}.{name}"] = v
+    return out, [f"entries 2+ of {cut} ranges/ts tensors (the paper's first-order affine code never reads them)"] \
+        if cut else []
 
 
 def _is_square(n: int) -> bool:
@@ -224,16 +255,12 @@ def _fit_pos_embed(pos: torch.Tensor, sd: Mapping[str, torch.Tensor], model: nn.
 def convert_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module) -> tuple[Dict[str, torch.Tensor], LoadResult]:
     """Map a foreign state dict onto ``model``'s keys. Returns the new dict and what was done."""
     sd = strip_prefixes(sd)
-    result = LoadResult(source=_detect_source(sd))
+    result = LoadResult(source=detect_source(sd))
+    if result.source == "paper":
+        sd, result.dropped = from_paper(sd)
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
-        if result.source == "paper":
-            m = _PAPER_ATTN_KEY.match(k)
-            if m:
-                k = f"{m.group(1)}.normalizer.modulator.{m.group(2)}"
-            elif k in ("ranges", "ts"):
-                k = f"out_modulator.{k}"
         if (k in _PREFIX_TOKENS or k.startswith("head_dist.")) and k not in target:
             result.dropped.append(k)
             continue
@@ -352,22 +379,26 @@ def _mismatch_message(source: str, missing: Sequence[str], unexpected: Sequence[
 
 def infer_model_kwargs(checkpoint: Mapping[str, Any], use_ema: bool = False) -> Dict[str, Any]:
     """Architecture kwargs a foreign checkpoint implies (``qkv_bias`` for ViTs, ``num_classes``,
-    normalizers), so that eval can build a model that fits it."""
+    normalizers, the paper's modulator order and affine map), so that eval can build a model that
+    fits it; every key is a ``ModelConfig`` field."""
     sd = strip_prefixes(extract_state_dict(checkpoint, use_ema))
     kwargs: Dict[str, Any] = {}
     if any(k.endswith("attn.qkv.weight") for k in sd):
         kwargs["qkv_bias"] = any(k.endswith("attn.qkv.bias") for k in sd)
     if "head.weight" in sd:
         kwargs["num_classes"] = int(sd["head.weight"].shape[0])
-    source = _detect_source(sd)
+    source = detect_source(sd)
     if source == "paper":
-        kwargs["out_normalizer"] = "multimax" if "ranges" in sd else "softmax"
+        sd = from_paper(sd)[0]
+        kwargs["out_normalizer"] = "multimax" if "out_modulator.ranges" in sd else "softmax"
         kwargs["modulator_order"] = int(next(v for k, v in sd.items() if k.endswith("ranges")).shape[0]) // 2
+        kwargs["modulator_affine"] = any(k.endswith("modulator.scale") for k in sd)
     elif source == "timm":
         kwargs.update(attn_normalizer="softmax", out_normalizer="softmax")
     return kwargs
 
 
 __all__ = ["one_line_reason", "CheckpointReadError", "CheckpointMismatchError", "LoadResult", "SAFE_GLOBALS",
-           "read_checkpoint", "load_weights", "extract_state_dict", "strip_prefixes", "convert_state_dict",
+           "read_checkpoint", "load_weights", "extract_state_dict", "strip_prefixes", "detect_source", "from_paper",
+           "convert_state_dict",
            "class_token_architecture", "infer_model_kwargs"]

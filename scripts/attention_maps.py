@@ -41,14 +41,13 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 import models  # noqa: E402
-from data.datasets import base_dataset, create_dataset, take_subset  # noqa: E402
+from data.datasets import base_dataset, create_dataset, normalization, take_subset  # noqa: E402
 from data.transforms import eval_transform  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
+from engine.evaluation import EvalSpec, checkpoint_model  # noqa: E402
 from engine.plots import figure_script_main, save_figure  # noqa: E402
-from eval import checkpoint_model, eval_normalization  # noqa: E402
-from eval import parse_args as eval_args  # noqa: E402
 
 # ---------------------------------------------------------------- math
 
@@ -86,10 +85,8 @@ def load_model(path: str, model_name: Optional[str], use_ema: bool,
                overrides: Sequence[str] = ()) -> Tuple[nn.Module, Config]:
     """The model (eval mode, CPU) and config of any checkpoint, resolved and loaded as eval.py
     does (classes and input channels read off the weights, so no dataset is needed)."""
-    ckpt = load_checkpoint(path)
-    argv = ["--checkpoint", path, *(["--model", model_name] if model_name else []),
-            *(["--use-ema"] if use_ema else []), *overrides]
-    model, cfg, _, _ = checkpoint_model(eval_args(argv), ckpt, path)
+    spec = EvalSpec(model=model_name, use_ema=use_ema, overrides=list(overrides))
+    model, cfg, _, _ = checkpoint_model(spec, load_checkpoint(path), path)
     return model.eval(), cfg
 
 
@@ -121,7 +118,7 @@ def dataset_image(cfg: Config, index: int) -> Tuple[Image.Image, str]:
 
 def preprocess(img: Image.Image, cfg: Config, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
     """(model input (1, C, S, S), the same image de-normalised in [0, 1]: (S, S) grey or (S, S, 3))."""
-    mean, std = eval_normalization(cfg, in_chans)
+    mean, std = normalization(cfg.data, in_chans)
     if len(mean) != in_chans or len(std) != in_chans:
         raise UserError(f"data.mean {mean} / data.std {std}: the model takes {in_chans} channel(s)")
     d = cfg.data

@@ -75,8 +75,8 @@ from engine.config import ADAMW_IMPLS, OptimConfig  # noqa: E402
 from engine.cpu_alloc import ALLOCATOR_MODES, apply_allocator_mode  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.optim import adamw_impl, build_optimizer  # noqa: E402
-from models.attention import ATTN_BACKENDS, MultiMaxAttention  # noqa: E402
-from models.multimax import NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
+from models.attention import MultiMaxAttention  # noqa: E402
+from models.choices import ATTN_BACKENDS, NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
 MODES = ("train", "infer")

@@ -32,10 +32,11 @@ import timm  # noqa: E402
 import torch.nn as nn  # noqa: E402
 from timm.models._hub import generate_readme  # noqa: E402
 
-import eval as evaluation  # noqa: E402
+from data.datasets import normalization  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config, dump_config  # noqa: E402
 from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError  # noqa: E402
+from engine.evaluation import EvalSpec, checkpoint_model  # noqa: E402
 
 
 def eval_line(result: Optional[Dict[str, Any]], ckpt: Dict[str, Any]) -> str:
@@ -70,15 +71,14 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, model_name: Opt
            eval_result: Optional[str] = None, push_to_hub: Optional[str] = None) -> str:
     """Write the folder (and upload it with ``push_to_hub``); returns ``out_dir``."""
     ckpt = load_checkpoint(checkpoint)
-    argv = ["--checkpoint", checkpoint, *(["--model", model_name] if model_name else []),
-            *(["--use-ema"] if use_ema else [])]
     # runtime choices of the training run are not part of the released model
-    argv += ["model.grad_checkpointing=false", "model.attn_backend=auto"]
-    model, cfg, _, crop_mode = evaluation.checkpoint_model(evaluation.parse_args(argv), ckpt, checkpoint)
+    spec = EvalSpec(model=model_name, use_ema=use_ema,
+                    overrides=["model.grad_checkpointing=false", "model.attn_backend=auto"])
+    model, cfg, _, crop_mode = checkpoint_model(spec, ckpt, checkpoint)
     result = _read_json(eval_result) if eval_result else None
     # the run's own config (as trained); a foreign checkpoint's as eval.py resolves it
     config_text = ckpt["config"] if isinstance(ckpt.get("config"), str) and ckpt["config"].strip() else dump_config(cfg)
-    mean, std = evaluation.eval_normalization(cfg, model.in_chans)
+    mean, std = normalization(cfg.data, model.in_chans)
     data_config = {"input_size": (model.in_chans, cfg.model.img_size, cfg.model.img_size),
                    "crop_pct": cfg.data.crop_pct, "crop_mode": crop_mode, "interpolation": cfg.data.interpolation,
                    "mean": tuple(mean), "std": tuple(std)}

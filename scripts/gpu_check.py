@@ -33,6 +33,7 @@ import inspect
 import json
 import math
 import os
+import runpy
 import shutil
 import subprocess
 import sys
@@ -227,8 +228,9 @@ def check_train_fp16_overflow(profile: Profile, out: str, data: str) -> str:
 
 
 def train_child(argv: Sequence[str], force_overflow: bool) -> int:
-    """The child process of the train checks: train.py's main, with the first scaled loss
-    blown up on request (patched on the GradScaler class, however train.py refers to it)."""
+    """The child process of the train checks: train.py run as a script in this process (it exits
+    with its own code), with the first scaled loss blown up on request (patched on the
+    GradScaler class, however train.py refers to it)."""
     if force_overflow:
         scale = torch.amp.GradScaler.scale
         forced = []
@@ -240,9 +242,9 @@ def train_child(argv: Sequence[str], force_overflow: bool) -> int:
                 return scaled * OVERFLOW_FACTOR
             return scaled
         torch.amp.GradScaler.scale = overflowing_scale
-    import train
-
-    return train.main(list(argv))
+    sys.argv = [os.path.join(ROOT, "train.py"), *argv]
+    runpy.run_path(sys.argv[0], run_name="__main__")
+    return 0
 
 
 def check_ddp_parity(profile: Profile, out: str, data: str) -> str:

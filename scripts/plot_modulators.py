@@ -18,24 +18,16 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
     figure_script_main, check_figure_output, check_finite,
-    ModulatorParams, modulator_evolution_figure, modulators_from_state_dict, save_figure,
+    ModulatorParams, checkpoint_modulators, modulator_evolution_figure, save_figure,
 )
-from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
 
 
 def read_modulators(path: str, use_ema: bool = False) -> Tuple[Optional[int], Dict[str, ModulatorParams]]:
     """(stored epoch or None, modulators by name ``blocks.{i}`` / ``out``) of one checkpoint."""
-    ckpt = load_checkpoint(path, mmap=True)
-    try:
-        found = modulators_from_state_dict(extract_state_dict(ckpt, use_ema))
-    except CheckpointMismatchError as e:
-        raise UserError(f"{path}: {e}") from None
-    if not found:
-        raise UserError(f"{path} has no MultiMax modulators (a softmax model?)")
+    ckpt, found = checkpoint_modulators(path, use_ema)
     epoch = ckpt.get("epoch")
     return (int(epoch) if isinstance(epoch, int) else None), found
 

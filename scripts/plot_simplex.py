@@ -26,14 +26,12 @@ from matplotlib import colormaps  # noqa: E402
 
 import models  # noqa: E402
 from engine.attn_stats import multimodality, sparsity  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
     figure_script_main, check_figure_output, check_finite,
-    ModulatorParams, SimplexSeries, modulator_curve, modulators_from_state_dict, save_figure,
+    ModulatorParams, SimplexSeries, checkpoint_modulators, modulator_curve, save_figure,
     short_name, simplex_figure,
 )
-from models.weights import CheckpointMismatchError, extract_state_dict  # noqa: E402
 
 DEFAULT_X2 = (10.0, 8.0, 6.0, 4.0, 2.0)
 DEFAULT_TEMPERATURES = (0.5, 1.0, 2.0, 5.0)
@@ -81,13 +79,7 @@ def canonical_layer(name: str) -> str:
 
 def load_modulator(path: str, layer: str, use_ema: bool = False) -> Tuple[ModulatorParams, str]:
     """The modulator of ``layer`` in the checkpoint at ``path`` and its canonical name."""
-    ckpt = load_checkpoint(path, mmap=True)
-    try:
-        found = modulators_from_state_dict(extract_state_dict(ckpt, use_ema))
-    except CheckpointMismatchError as e:
-        raise UserError(f"{path}: {e}") from None
-    if not found:
-        raise UserError(f"{path} has no MultiMax modulators (a softmax model?)")
+    found = checkpoint_modulators(path, use_ema)[1]
     name = canonical_layer(layer)
     if name not in found:
         raise UserError(f"{path} has no modulator for layer {layer!r}; available: {', '.join(found)}")

@@ -313,8 +313,6 @@ def figures(variants: Sequence[str], results: Sequence[RunResult], out_dir: str)
     from matplotlib.figure import Figure
     from matplotlib.ticker import MaxNLocator
 
-    from engine.plots import save_figure
-
     colors = colormaps["tab10"].colors
     written = []
     fig = Figure(figsize=(7.5, 4.8))
@@ -333,13 +331,8 @@ def figures(variants: Sequence[str], results: Sequence[RunResult], out_dir: str)
         if len(curves) > 1:
             ax.fill_between(epochs, [min(v) for v in by_epoch], [max(v) for v in by_epoch], color=color, alpha=0.15)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
-    ax.set_xlabel("epoch")
-    ax.set_ylabel("val top-1 (%)")
-    ax.set_title("val top-1: mean over the finished seeds (their number), band: min–max", fontsize=10)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=8)
-    fig.tight_layout()
-    written += save_figure(fig, os.path.join(out_dir, "val_top1.png"))
+    written += _finish(ax, "epoch", "val top-1 (%)", "val top-1: mean over the finished seeds (their number), "
+                       "band: min–max", os.path.join(out_dir, "val_top1.png"))
 
     layers = _layers(results)
     if layers:
@@ -366,14 +359,22 @@ def figures(variants: Sequence[str], results: Sequence[RunResult], out_dir: str)
             for layer, x, y, _, _ in points:
                 ax.annotate(_layer_label(layer), (x, y), xytext=(3, 3), textcoords="offset points",
                             fontsize=7, color=color)
-        ax.set_xlabel("multi-modality M")
-        ax.set_ylabel("sparsity S")
-        ax.set_title("trained attention per layer (mean ± std over seeds; labels: layer)", fontsize=10)
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=8)
-        fig.tight_layout()
-        written += save_figure(fig, os.path.join(out_dir, "attention_sm.png"))
+        written += _finish(ax, "multi-modality M", "sparsity S", "trained attention per layer (mean ± std over "
+                           "seeds; labels: layer)", os.path.join(out_dir, "attention_sm.png"))
     return written
+
+
+def _finish(ax, xlabel: str, ylabel: str, title: str, path: str) -> List[str]:
+    """Label, grid and legend ``ax``, then save its figure to ``path``; returns the written paths."""
+    from engine.plots import save_figure
+
+    ax.set_xlabel(xlabel)
+    ax.set_ylabel(ylabel)
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    ax.figure.tight_layout()
+    return save_figure(ax.figure, path)
 
 
 def _layer_label(layer: str) -> str:

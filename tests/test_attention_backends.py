@@ -16,7 +16,7 @@ import models.attention_kernels as kernels
 from models.multimax import build_normalizer
 
 from engine.config import load_config
-from helpers import ROOT, load_script
+from helpers import ROOT
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -287,8 +287,8 @@ def test_modulated_attention_under_autocast():
 
 @pytest.mark.parametrize("n", [50, 200])
 def test_blocked_inference_equals_one_block(monkeypatch, n):
-    """Inference on CPU in blocks of heads per batch entry (last block short) equals the
-    gradient path; under autocast too; with a mask (one block)."""
+    """Inference on CPU in blocks of heads per batch entry, or of whole entries (last block
+    short), equals the gradient path; under autocast too; with a mask (one block)."""
     mod = ScoreModulation.of(_normalizer())
     q, k, v = (t.detach() for t in _qkv(b=3, h=3, n=n))
     bias = torch.zeros(n, n).masked_fill(torch.rand(n, n, generator=torch.Generator().manual_seed(3)) > 0.8, -torch.inf)
@@ -306,6 +306,11 @@ def test_blocked_inference_equals_one_block(monkeypatch, n):
     # 3 entries × (2 heads + 1 head), then the masked call as one block, then 6 blocks under autocast
     assert calls[:7] == [(2, n, 16), (1, n, 16)] * 3 + [(3, 3, n, 16)], calls
     assert len(calls) == 13
+    monkeypatch.setattr(kernels, "CPU_BLOCK_ELEMENTS", 2 * 3 * n * n)  # every head of 2 entries per block
+    calls.clear()
+    with torch.inference_mode():
+        assert torch.equal(modulated_attention(q, k, v, mod, 0.25), ref)
+    assert calls == [(2, 3, n, 16), (1, 3, n, 16)]
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low_ref = modulated_attention(qb, kb, vb, mod, 0.25).detach()
@@ -316,11 +321,13 @@ def test_blocked_inference_equals_one_block(monkeypatch, n):
 def test_inference_blocks_are_bounded_under_compile(monkeypatch):
     """Compiled, a large batch is traced as one block instead of hundreds (compile time)."""
     q = torch.empty(40, 6, 196, 64)
-    assert kernels._heads_per_block(q, q) == 3  # 80 blocks of 3 heads, eager
+    assert kernels._cpu_blocks(q, q) == (1, 3)  # 80 blocks of 3 heads, eager
+    small = torch.empty(192, 4, 16, 16)  # the quickstart's eval batch: 128 entries per block, not 192 blocks
+    assert kernels._cpu_blocks(small, small) == (128, 4)
     monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels._heads_per_block(q, q) is None
-    assert kernels._heads_per_block(q[:8], q[:8]) == 3  # 16 blocks: traced as blocks
-    assert kernels._heads_per_block(q[:1, :2], q[:1, :2]) is None  # one block anyway
+    assert kernels._cpu_blocks(q, q) is None
+    assert kernels._cpu_blocks(q[:8], q[:8]) == (1, 3)  # 16 blocks: traced as blocks
+    assert kernels._cpu_blocks(q[:1, :2], q[:1, :2]) is None  # one block anyway
 
 
 def test_chunked_custom_ops_opcheck():
@@ -348,36 +355,9 @@ def test_softmax_temperature_kernels_match_sdpa():
         torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25), ref, rtol=1e-5, atol=1e-6)
 
 
-def test_chunked_peak_memory_is_a_fraction_of_explicit():
-    bench = load_script("benchmark")
-    norm = _normalizer()
-    mod = ScoreModulation.of(norm)
-    q, k, v = _qkv(b=1, h=2, n=512, d=16)
-    peaks = {}
-    for name, fn in {"explicit": lambda: modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v,
-                     "chunked": lambda: chunked_attention(q, k, v, mod, 0.25, chunk_size=32)}.items():
-        with bench.LiveTensorBytes() as tracker:
-            out = fn()
-            out.backward(torch.ones_like(out))
-        peaks[name] = tracker.peak
-    n2_bytes = 2 * 512 * 512 * 4
-    assert peaks["explicit"] >= 2 * n2_bytes  # scores and probabilities are materialised
-    assert peaks["chunked"] <= peaks["explicit"] / 4
-
-
-def test_live_tensor_counter():
-    bench = load_script("benchmark")
-    with bench.LiveTensorBytes() as tracker:
-        a = torch.empty(1000, 1000)  # 4 MB
-        b = a.view(-1)[:10]  # a view: no new storage
-        del a, b
-        c = torch.ones(500, 1000)  # 2 MB, after the 4 MB were freed
-    assert tracker.peak == 4_000_000 and tracker.current == 2_000_000
-    del c
-
-
 # ----------------------------------------------------------------------------- compile and flex
 
+@pytest.mark.slow
 @pytest.mark.parametrize("backend", ["explicit", "chunked", "flex"])
 def test_model_traces_without_graph_breaks(backend):
     """One graph for training, bf16 autocast and inference (flex: inference only on CPU)."""
@@ -392,6 +372,7 @@ def test_model_traces_without_graph_breaks(backend):
         assert explain.graph_break_count == 0, (name, explain.break_reasons)
 
 
+@pytest.mark.slow
 def test_compiled_explicit_multimax_matches_eager():
     torch.manual_seed(0)
     eager = MultiMaxAttention(32, 2, backend="explicit")
@@ -457,6 +438,7 @@ def test_auto_on_cuda_matches_explicit():
 
 @CUDA
 @pytest.mark.parametrize("dtype", ["fp32", "bf16"])
+@pytest.mark.slow
 def test_compiled_model_trains_with_flex_on_cuda(dtype):
     """The model compiled as train.compile compiles it, flex inside: Inductor lowers flex's
     backward with our score_mod (what FLEX_TRAINING_PROVEN rests on) and matches explicit."""

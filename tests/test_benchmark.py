@@ -1,9 +1,15 @@
-"""scripts/benchmark.py: end to end on tiny models, its variant axes, presets and statistics."""
+"""scripts/benchmark.py: end to end on tiny models, its variant axes, presets and statistics, its
+memory counter, and the memory target it measures (chunked attention's peak)."""
 import json
 
+import pytest
 import torch
 
 from helpers import load_script
+from models.attention_kernels import ScoreModulation, chunked_attention, modulated_softmax
+from models.multimax import build_normalizer
+
+pytestmark = pytest.mark.slow
 
 
 def test_benchmark_end_to_end(tmp_path):
@@ -106,3 +112,35 @@ def test_deit_preset_runs_on_the_micro_size(tmp_path):
     rows = json.loads(out_json.read_text())["throughput"]
     assert [(r["attn"], r["kernel"], r["variant"]["dtype"]) for r in rows] == [
         ("softmax", "sdpa", "fp32"), ("multimax", "explicit", "fp32")]
+
+
+def test_chunked_peak_memory_is_a_fraction_of_explicit():
+    bench = load_script("benchmark")
+    g = torch.Generator().manual_seed(0)
+    norm = build_normalizer("multimax")
+    with torch.no_grad():
+        for p in norm.parameters():
+            p.add_(torch.randn(p.shape, generator=g) * 0.6)  # σ far from identity
+    mod = ScoreModulation.of(norm)
+    q, k, v = (torch.randn(1, 2, 512, 16, generator=g).requires_grad_() for _ in range(3))
+    peaks = {}
+    for name, fn in {"explicit": lambda: modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v,
+                     "chunked": lambda: chunked_attention(q, k, v, mod, 0.25, chunk_size=32)}.items():
+        with bench.LiveTensorBytes() as tracker:
+            out = fn()
+            out.backward(torch.ones_like(out))
+        peaks[name] = tracker.peak
+    n2_bytes = 2 * 512 * 512 * 4
+    assert peaks["explicit"] >= 2 * n2_bytes  # scores and probabilities are materialised
+    assert peaks["chunked"] <= peaks["explicit"] / 4
+
+
+def test_live_tensor_counter():
+    bench = load_script("benchmark")
+    with bench.LiveTensorBytes() as tracker:
+        a = torch.empty(1000, 1000)  # 4 MB
+        b = a.view(-1)[:10]  # a view: no new storage
+        del a, b
+        c = torch.ones(500, 1000)  # 2 MB, after the 4 MB were freed
+    assert tracker.peak == 4_000_000 and tracker.current == 2_000_000
+    del c

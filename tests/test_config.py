@@ -3,6 +3,8 @@ user mistake gives a UserError that names the key and where it came from."""
 import glob
 import math
 import os
+import subprocess
+import sys
 
 import pytest
 import timm
@@ -355,3 +357,22 @@ def test_duplicate_yaml_keys_name_file_line_and_key(tmp_path):
     assert "duplicate key 'name'" in error(write(tmp_path, "flow.yaml", "model: {name: a, name: b}\n"))
     # a YAML merge key overrides on purpose and stays allowed
     assert load_config(write(tmp_path, "merge.yaml", "optim:\n  <<: {lr: 1.0}\n  lr: 2.0e-3\n")).optim.lr == 2e-3
+
+
+def test_config_checks_need_no_torch_and_use_the_models_own_choices():
+    """Reading and checking a config imports neither torch nor the models package; the choice
+    lists it checks against are the very objects the models use."""
+    code = ("import sys; from engine.config import MODEL_CHOICES, load_config; "
+            "load_config('configs/deit_small_multimax.yaml', ['model.attn_backend=flex']); "
+            "print(sorted(m for m in ('torch', 'timm', 'models') if m in sys.modules), "
+            "sys.modules['models.choices'] is MODEL_CHOICES, MODEL_CHOICES.__file__)")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr
+    assert out.stdout.split() == ["[]", "True", os.path.join(ROOT, "models", "choices.py")]
+    from engine.config import MODEL_CHOICES
+    from models.attention import ATTN_BACKENDS
+
+    assert models.choices is MODEL_CHOICES and models.NORMALIZERS is MODEL_CHOICES.NORMALIZERS
+    assert ATTN_BACKENDS is MODEL_CHOICES.ATTN_BACKENDS
+    with pytest.raises(UserError, match=r"model.attn_backend = 'flexx' is not one of .*; did you mean 'flex'"):
+        load_config(None, ["model.attn_backend=flexx"])

@@ -210,6 +210,16 @@ def test_imagefolder_loads_with_shared_classes(tmp_path):
     assert x.shape == (3, 8, 8)
 
 
+def test_imagefolder_is_torchvisions_without_hidden_files(tmp_path):
+    root = image_tree(tmp_path, {"train": {"b": 3, "a": 2, ".ipynb_checkpoints": 1}})
+    with open(os.path.join(root, "train", "a", "._a_0.png"), "wb") as f:  # a macOS resource fork
+        f.write(b"\x00\x05\x16\x07")
+    ds = ImageFolderDataset(os.path.join(root, "train"), bad_images="error")
+    assert isinstance(ds, torchvision.datasets.ImageFolder) and ds.classes == ["a", "b"]
+    assert [os.path.basename(p) for p, _ in ds.samples] == ["a_0.jpg", "a_1.png", "b_0.jpg", "b_1.png", "b_2.jpg"]
+    assert ds.targets == [0, 0, 1, 1, 1] and ds.skipped() == []
+
+
 def test_imagefolder_user_errors_name_the_problem(tmp_path):
     with pytest.raises(UserError, match=str(tmp_path / "none" / "train")):
         create_dataset(DataConfig(dataset="imagefolder", root=str(tmp_path / "none")), "train", True)

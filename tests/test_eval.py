@@ -66,6 +66,7 @@ def test_eval_reproduces_training_log(trained_run, tmp_path):
     assert len(rows) == 3 and rows[0].startswith("checkpoint,")
 
 
+@pytest.mark.slow
 def test_eval_one_and_two_processes_identical(trained_run, tmp_path):
     """37 test images, batch 4 per process: 37 is not a multiple of 2 x 4."""
     ckpt = os.path.join(trained_run, "last.pth")
@@ -276,3 +277,22 @@ def test_a_url_is_downloaded_into_the_cache_and_results_go_to_the_working_dir(tr
     assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "last.pth").is_file()
     res = json.loads((work / "last.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json").read_text())
     assert res["checkpoint"] == url and res["num_images"] == 37
+
+
+def test_imports_point_one_way():
+    """No module imports an entry script (what scripts share with eval.py lives in engine/), and
+    models/ imports nothing of engine/ or data/."""
+    import ast
+    import glob
+
+    files = [os.path.relpath(p, ROOT) for d in ("", "models", "engine", "data", "scripts")
+             for p in glob.glob(os.path.join(ROOT, d, "*.py"))]
+    assert "engine/evaluation.py" in files and "eval.py" in files
+    for path in files:
+        tree = ast.parse(open(os.path.join(ROOT, path)).read())
+        imported = {a.name.split(".")[0] for n in ast.walk(tree) if isinstance(n, ast.Import) for a in n.names}
+        imported |= {n.module.split(".")[0] for n in ast.walk(tree)
+                     if isinstance(n, ast.ImportFrom) and n.module and not n.level}
+        assert not imported & {"eval", "train"}, path
+        if path.startswith("models/"):
+            assert not imported & {"engine", "data"}, path

@@ -33,6 +33,7 @@ def test_flex_check_passes_and_catches_a_wrong_kernel(gpu_check, monkeypatch):
         gpu_check.check_flex(gpu_check.CPU, torch.float32)
 
 
+@pytest.mark.slow
 def test_training_ddp_and_benchmark_checks_pass_on_cpu(gpu_check, tmp_path, capsys):
     rc = gpu_check.main(["--device", "cpu", "--out", str(tmp_path), "--only", "train-bf16", "ddp-parity", "benchmark"])
     out = capsys.readouterr().out
@@ -45,6 +46,7 @@ def test_training_ddp_and_benchmark_checks_pass_on_cpu(gpu_check, tmp_path, caps
     assert "| vit_micro_multimax_patch7_28 |" in out  # the benchmark's table is printed too
 
 
+@pytest.mark.slow
 def test_fp16_overflow_check_passes_on_cpu(gpu_check, tmp_path):
     data = gpu_check.write_image_folder(str(tmp_path / "images"), per_class=gpu_check.CPU.batch * gpu_check.CPU.steps)
     detail = gpu_check.check_train_fp16_overflow(gpu_check.CPU, str(tmp_path), data)

@@ -67,6 +67,17 @@ def test_modulator_init_and_qkv_bias_knobs():
                                          "blocks.1.attn.normalizer.modulator", "out_modulator"}
 
 
+def test_misspelled_attention_arguments_are_refused():
+    from models.attention import MultiMaxAttention
+
+    with pytest.raises(TypeError, match="modulator_ordr"):
+        MultiMaxAttention(24, 3, modulator_ordr=1)
+    with pytest.raises(TypeError, match="attn_head_dim"):  # timm's Attention takes it, Block never passes it
+        MultiMaxAttention(24, 3, attn_head_dim=16)
+    with pytest.raises(TypeError, match="modulator_ordr"):
+        _tiny(modulator_ordr=1)
+
+
 def test_affine_ablation_is_the_authors_variant():
     """configs/ablations/first_order_affine.yaml: affine + first-order σ in attention, a plain
     first-order σ on the logits (the authors' DeiT code for this variant)."""
@@ -147,13 +158,18 @@ def test_bf16_autocast_finite_for_large_logits():
 # ---------------------------------------------------------------- checkpoint formats
 
 def paper_forward(sd, x, depth, heads, patch):
-    """The forward pass of the paper's released code, written out from its state dict."""
+    """The forward pass of the paper's released code, written out from its state dict; with
+    ``blocks.{i}.attn.t``/``.b`` that of its "affine then first-order" variant (their DeiT
+    vision_transformer.py at commit 31ff228: attn = t·attn + b, then a first-order SeLU reading
+    ranges[:2]/ts[:2], also on the logits)."""
+    affine = "blocks.0.attn.t" in sd
+
     def ln(t, p):
         return F.layer_norm(t, t.shape[-1:], sd[p + ".weight"], sd[p + ".bias"], eps=1e-6)
 
     def sigma(t, r, ts):
-        return (t + ts[0] * torch.relu(r[0] - t) + ts[1] * torch.relu(t - r[1])
-                + ts[2] * torch.relu(r[2] - t) ** 2 + ts[3] * torch.relu(t - r[3]) ** 2)
+        first = t + ts[0] * torch.relu(r[0] - t) + ts[1] * torch.relu(t - r[1])
+        return first if affine else first + ts[2] * torch.relu(r[2] - t) ** 2 + ts[3] * torch.relu(t - r[3]) ** 2
 
     x = F.conv2d(x, sd["patch_embed.proj.weight"], sd["patch_embed.proj.bias"], stride=patch)
     x = x.flatten(2).transpose(1, 2) + sd["pos_embed"]
@@ -163,6 +179,8 @@ def paper_forward(sd, x, depth, heads, patch):
         qkv = (ln(x, p + ".norm1") @ sd[p + ".attn.qkv.weight"].T).reshape(B, N, 3, heads, C // heads)
         q, k, v = qkv.permute(2, 0, 3, 1, 4)
         attn = (q @ k.transpose(-2, -1)) * (C // heads) ** -0.5
+        if affine:
+            attn = sd[p + ".attn.t"] * attn + sd[p + ".attn.b"]
         attn = sigma(attn, sd[p + ".attn.ranges"], sd[p + ".attn.ts"]).softmax(-1)
         y = (attn @ v).transpose(1, 2).reshape(B, N, C)
         x = x + F.linear(y, sd[p + ".attn.proj.weight"], sd[p + ".attn.proj.bias"])
@@ -172,8 +190,9 @@ def paper_forward(sd, x, depth, heads, patch):
     return sigma(logits, sd["ranges"], sd["ts"])
 
 
-def _paper_state_dict(depth=2, heads=3, dim=24, patch=8, img=32, classes=7, seed=0):
-    """A state dict in the paper code's key layout, with random weights and large modulators."""
+def _paper_state_dict(depth=2, heads=3, dim=24, patch=8, img=32, classes=7, seed=0, affine=False):
+    """A state dict in the paper code's key layout, with random weights and large modulators;
+    ``affine``: its affine variant's, with 0-d ``t``/``b`` per attention layer."""
     g = torch.Generator().manual_seed(seed)
     r = lambda *s: torch.randn(*s, generator=g) * 0.2
     n = (img // patch) ** 2
@@ -188,6 +207,8 @@ def _paper_state_dict(depth=2, heads=3, dim=24, patch=8, img=32, classes=7, seed
                    f"{p}.norm2.weight": 1 + r(dim), f"{p}.norm2.bias": r(dim),
                    f"{p}.mlp.fc1.weight": r(4 * dim, dim), f"{p}.mlp.fc1.bias": r(4 * dim),
                    f"{p}.mlp.fc2.weight": r(dim, 4 * dim), f"{p}.mlp.fc2.bias": r(dim)})
+        if affine:  # nn.Parameter(torch.tensor(1.0)) and (0.0) in their code, trained away from there
+            sd.update({f"{p}.attn.t": 1 + r(()) * 5, f"{p}.attn.b": r(()) * 5})
     return sd
 
 
@@ -202,7 +223,38 @@ def test_load_paper_code_checkpoint_reproduces_logits(tmp_path):
     with torch.no_grad():
         torch.testing.assert_close(model(x), paper_forward(sd, x, 2, 3, 8), rtol=1e-4, atol=1e-4)
     assert models.infer_model_kwargs({"model": sd}) == {
-        "qkv_bias": False, "num_classes": 7, "out_normalizer": "multimax", "modulator_order": 2}
+        "qkv_bias": False, "num_classes": 7, "out_normalizer": "multimax", "modulator_order": 2,
+        "modulator_affine": False}
+
+
+def test_load_paper_affine_first_order_checkpoint_reproduces_logits():
+    sd = _paper_state_dict(affine=True)
+    assert sd["blocks.0.attn.t"].dim() == 0 and sd["ranges"].shape == sd["blocks.1.attn.ts"].shape == (4,)
+    kwargs = models.infer_model_kwargs({"model": sd})
+    assert kwargs == {"qkv_bias": False, "num_classes": 7, "out_normalizer": "multimax", "modulator_order": 1,
+                      "modulator_affine": True}
+    model = _tiny(**kwargs).eval()
+    result = load_weights(model, {"model": sd}, strict=True)
+    assert result.source == "paper" and not result.reset
+    assert result.dropped == ["entries 2+ of 6 ranges/ts tensors (the paper's first-order affine code never reads them)"]
+    attn = model.blocks[1].attn.normalizer.modulator
+    assert attn.scale.item() == sd["blocks.1.attn.t"].item() and attn.shift.item() == sd["blocks.1.attn.b"].item()
+    x = torch.randn(2, 3, 32, 32)
+    with torch.no_grad():
+        torch.testing.assert_close(model(x), paper_forward(sd, x, 2, 3, 8), rtol=1e-4, atol=1e-4)
+    # a model without the affine map is told which keys it lacks
+    with pytest.raises(CheckpointMismatchError, match="modulator.scale"):
+        load_weights(_tiny(), {"model": sd})
+    # eval.py's path: the architecture read off the weights, the model built and loaded strictly
+    from engine.evaluation import EvalSpec, checkpoint_model
+
+    spec = EvalSpec(model="deit_tiny_multimax_patch16_224", overrides=[
+        "model.img_size=32", "model.patch_size=8", "model.kwargs.embed_dim=24", "model.kwargs.depth=2",
+        "model.kwargs.num_heads=3"])
+    built, cfg, _, _ = checkpoint_model(spec, {"model": sd}, "paper.pth")
+    assert (cfg.model.modulator_order, cfg.model.modulator_affine, cfg.model.num_classes) == (1, True, 7)
+    with torch.no_grad():
+        torch.testing.assert_close(built.eval()(x), paper_forward(sd, x, 2, 3, 8), rtol=1e-4, atol=1e-4)
 
 
 def test_load_our_checkpoint_reproduces_logits(tmp_path):

@@ -21,6 +21,7 @@ import eval as evaluate_script
 import models
 from engine.attn_stats import AttentionStats
 from engine.config import ModelConfig
+from engine.evaluation import authors_crop_pct, checkpoint_model
 from engine.model import build_model
 from helpers import ROOT
 
@@ -77,8 +78,8 @@ def test_class_token_and_distilled_checkpoints_match_timm_exactly(image_folder, 
     assert (res["preprocessing"]["crop_pct"], res["preprocessing"]["resize"]) == (0.875, 36)  # as DeiT evaluates
     assert res["weights"]["dropped"] == []  # nothing of the checkpoint left out
     # the model eval.py builds gives timm's logits bit for bit (the distilled one averages its two heads)
-    args = evaluate_script.parse_args(["--checkpoint", str(path), "--model", name, *TINY_ARGS])
-    built, _, _, _ = evaluate_script.checkpoint_model(args, torch.load(path, weights_only=True), str(path))
+    spec = evaluate_script.eval_spec(evaluate_script.parse_args(["--checkpoint", str(path), "--model", name, *TINY_ARGS]))
+    built, _, _, _ = checkpoint_model(spec, torch.load(path, weights_only=True), str(path))
     with torch.no_grad():
         assert torch.equal(built.eval()(images[:4]), model(images[:4]))
         if "distilled" in name:
@@ -100,6 +101,7 @@ def test_class_token_and_distilled_checkpoints_match_timm_exactly(image_folder, 
     assert res["attn_stats"]["modulators"] == {}  # softmax: nothing learned to report
 
 
+@pytest.mark.slow
 def test_pretrained_file_loads_offline_like_timm(image_folder, tmp_path):
     """--pretrained-file: a local copy of timm's weights (its hub format, or DeiT's release
     format) goes through timm's own loader, with the network off."""
@@ -227,5 +229,5 @@ def test_released_sizes_are_named_and_preprocessed_as_their_authors_did():
         model = timm.create_model(name, device="meta")
         assert class_token_architecture(model.state_dict()) == name
     # DeiT's releases are evaluated at DeiT's crop, other timm models at timm's
-    assert evaluate_script.authors_crop_pct("deit_base_distilled_patch16_384.fb_in1k", 1.0) == 0.875
-    assert evaluate_script.authors_crop_pct("vit_small_patch16_224.augreg_in21k_ft_in1k", 0.9) == 0.9
+    assert authors_crop_pct("deit_base_distilled_patch16_384.fb_in1k", 1.0) == 0.875
+    assert authors_crop_pct("vit_small_patch16_224.augreg_in21k_ft_in1k", 0.9) == 0.9

@@ -69,6 +69,7 @@ def wait_for(predicate, timeout=300.0):
         time.sleep(0.05)
 
 
+@pytest.mark.slow
 def test_sweep_runs_every_run_skips_finished_ones_and_survives_a_failure(fake_fmnist, tmp_path):
     path = write_sweep(tmp_path, {"mm": MULTIMAX, "sm": SOFTMAX}, [0, 1], tiny(fake_fmnist))
     out = tmp_path / "out"
@@ -119,6 +120,7 @@ def test_sweep_runs_every_run_skips_finished_ones_and_survives_a_failure(fake_fm
         assert 0 < rows[variant].values["sparsity"] <= 1 and 0 < rows[variant].values["multimodality"] <= 1
 
 
+@pytest.mark.slow
 def test_interrupted_sweep_saves_and_resumes(fake_fmnist, tmp_path):
     epochs = 8  # the signal comes after the first; the other 7 leave time for it to arrive mid-run
     path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], tiny(fake_fmnist, epochs))
@@ -266,6 +268,7 @@ def test_slurm_array_has_one_job_per_run_with_the_asked_resources(tmp_path, monk
     assert set(jobs) == {("mm", 0), ("sm", 0), ("mm", 1), ("sm", 1)}
 
 
+@pytest.mark.slow
 def test_slurm_job_saves_on_preemption_and_its_requeue_resumes(fake_fmnist, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     epochs = 8
