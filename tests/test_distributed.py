@@ -124,6 +124,7 @@ WORKER = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 def test_torchrun_two_processes_gloo(tmp_path):
     script = tmp_path / "worker.py"
     script.write_text(WORKER)
@@ -157,6 +158,7 @@ DYING = textwrap.dedent("""
 """)
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("failure", ["dies", "hangs"])
 def test_slurm_launch_and_lost_worker_ends_the_survivor_in_bounded_time(tmp_path, failure):
     script = tmp_path / "dying.py"

@@ -65,6 +65,7 @@ def wait_for_output(proc, needle, timeout=120):
 
 # ------------------------------------------------------------------ 2. crash safety
 
+@pytest.mark.slow
 def test_kill_9_at_random_moments_then_resume_matches_uninterrupted(long_fmnist, tmp_path):
     extra = {"train.epochs": 4, "train.ema": "true", "train.ema_decay": 0.9, "model.drop_path_rate": 0.1,
              "train.log_every": 5}
@@ -157,7 +158,7 @@ def assert_saved_mid_epoch(run_dir, out, epoch):
     ckpt = final_weights(run_dir)
     assert ckpt["epoch"] == epoch - 1 and 0 < ckpt["epoch_step"] < 30 and ckpt["epoch_step"] % 5 == 0, out[-3000:]
     assert ckpt["epoch_sums"]["good"] == ckpt["epoch_step"]   # the partial epoch's sums travel along
-    assert f"Exit 75" in out and "killed by signal" not in out and "Traceback (most recent call last):\n  File" \
+    assert "Exit 75" in out and "killed by signal" not in out and "Traceback (most recent call last):\n  File" \
         not in out.split("Exit 75")[0], out[-3000:]
 
 
@@ -171,6 +172,7 @@ def two_rank_ref(long_fmnist, tmp_path_factory):
     return out
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("target, sig", [("torchrun", signal.SIGTERM), ("process group", signal.SIGINT)])
 def test_stop_signal_to_torchrun_saves_and_the_rerun_ends_exactly_as_uninterrupted(
         long_fmnist, tmp_path, two_rank_ref, target, sig):
@@ -193,6 +195,7 @@ def test_stop_signal_to_torchrun_saves_and_the_rerun_ends_exactly_as_uninterrupt
     assert_exact_resume(two_rank_ref, run)
 
 
+@pytest.mark.slow
 def test_run_dir_lock_and_sigterm_to_the_process_group_of_one_process(long_fmnist, tmp_path):
     """One process with DataLoader workers, SIGTERM to its whole process group (``scancel``,
     ``timeout``): it saves and exits 75, the workers having outlived the save. While it runs, a second
@@ -277,6 +280,7 @@ def _fake_slurm(tmp_path):
     return state, env
 
 
+@pytest.mark.slow
 def test_slurm_script_requeues_on_a_resumable_exit_and_only_then(long_fmnist, tmp_path, two_rank_ref):
     """scripts/slurm.sbatch under a fake srun/scontrol, 2 tasks: the script's own --signal reaches
     the step 120 s before the time limit; train.py saves and exits 75, the script requeues the job;
@@ -395,6 +399,7 @@ def test_stale_lock_is_taken_over_and_a_live_one_refused_without_flock(tmp_path,
         alive.wait()
 
 
+@pytest.mark.slow
 def test_dataloader_workers_ignore_stop_signals(tmp_path):
     """A DataLoader worker set up by ``protect_workers`` and started by ``shielded_batches`` ignores
     SIGTERM, SIGINT and SIGUSR1 (with nothing left blocked) and goes on serving batches when it gets
@@ -593,6 +598,7 @@ def test_unwritable_run_dir(fake_fmnist, tmp_path, capsys):
 
 # ------------------------------------------------------------------ 6. dead workers
 
+@pytest.mark.slow
 def test_dead_ddp_worker_ends_the_job(long_fmnist, tmp_path):
     out = str(tmp_path / "run")
     cmd = [PY, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2",

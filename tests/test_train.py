@@ -99,6 +99,7 @@ def test_resume_may_switch_the_adamw_implementation(fake_fmnist, tmp_path):
         torch.testing.assert_close(b["model"][name], t, rtol=1e-3, atol=1e-4, msg=name)
 
 
+@pytest.mark.slow
 def test_ddp_two_processes_match_one_process(fake_fmnist, tmp_path):
     """Two gloo processes with batch 8 each against one process with batch 16, same data order."""
     one, two = str(tmp_path / "one"), str(tmp_path / "two")
