@@ -14,13 +14,13 @@
 Each variant is built and warmed up (this includes torch.compile), then the variants of a group
 are timed round-robin, in A B B A order (``engine.benchmarking``, which also says what the clocks
 and the confidence interval are). Reported: the median step time over repeats (→ img/s) and,
-against the baseline (the same architecture, mode, optimizer, compile flag and dtype with
+against the baseline (the same architecture, mode, compile flag and dtype with
 softmax attention), the median of the per-repeat time ratios with its 95% confidence interval,
 and the ratio of the fastest repeats (the least disturbed ones on a shared machine); also the
 median minor page faults per step. A train step is forward + cross-entropy + backward + AdamW
 step, the optimizer built as train.py builds it (``engine.optim.build_optimizer``: DeiT's
-parameter groups; ``--optim-impl`` as ``optim.impl``, default auto = fused AdamW on CPU and
-CUDA); an inference step is a forward under inference_mode. On CPU, glibc's malloc is tuned as
+parameter groups, fused AdamW on CPU and CUDA); an inference step is a forward under
+inference_mode. On CPU, glibc's malloc is tuned as
 train.py tunes it (``engine.cpu_alloc``); ``--malloc default`` measures with glibc's defaults.
 "peak extra MB" is the peak of memory allocated during one step above what was allocated before
 it (weights, optimizer state, the input batch), as ``engine.benchmarking.ExtraMemory`` counts it
@@ -50,9 +50,9 @@ from engine.benchmarking import (  # noqa: E402
     ExtraMemory, add_common_args, autocast, fmt, markdown_table, median_ci, parse_cli_args, run_cli, setup, sync,
     time_rounds, write_report,
 )
-from engine.config import ADAMW_IMPLS, OptimConfig  # noqa: E402
+from engine.config import OptimConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.optim import adamw_impl, build_optimizer  # noqa: E402
+from engine.optim import build_optimizer  # noqa: E402
 from models.choices import ATTN_BACKENDS, NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
 
 MODES = ("train", "infer")
@@ -73,7 +73,6 @@ class Variant:
     img_size: Optional[int] = None
     attn_normalizer: Optional[str] = None
     out_normalizer: Optional[str] = None
-    optim: str = "auto"  # optim.impl of the train step's AdamW
 
     def model_kwargs(self) -> Dict[str, object]:
         kw: Dict[str, object] = {"attn_backend": self.backend}
@@ -97,7 +96,6 @@ class Result:
     out: str
     kernel: str
     tokens: int
-    optimizer: str = "–"  # the AdamW implementation a train step runs (engine.optim.adamw_impl)
     times: List[float] = field(default_factory=list)
     faults: List[float] = field(default_factory=list)  # minor page faults per step, one per repeat
     peak_extra_mb: Optional[float] = None
@@ -150,8 +148,7 @@ def build_step(v: Variant, device: torch.device, compile_mode: Optional[str]) ->
             with torch.inference_mode(), autocast(device, v.dtype):
                 net(x)
         return step, result
-    opt = build_optimizer(model, OptimConfig(impl=v.optim), lr=1e-5)
-    result.optimizer = adamw_impl(v.optim, list(model.parameters()))
+    opt = build_optimizer(model, OptimConfig(), lr=1e-5)
     scaler = torch.amp.GradScaler(device.type, enabled=v.dtype == "fp16")
 
     def step() -> None:
@@ -166,14 +163,14 @@ def build_step(v: Variant, device: torch.device, compile_mode: Optional[str]) ->
 
 def set_baselines(results: List[Result]) -> None:
     """Baseline of each result: the first softmax-attention result of the same group with the
-    same architecture, mode, optimizer, compile flag, dtype and batch; ratio = median of the per-repeat
-    time ratios (paired: both were timed in the same round)."""
+    same architecture, mode, compile flag, dtype and batch; ratio = median of the per-repeat time
+    ratios (paired: both were timed in the same round)."""
     for r in results:
         v = r.variant
         for j, b in enumerate(results):
             w = b.variant
-            if b.attn == "softmax" and (b.group, b.arch, w.mode, b.optimizer, w.compile, w.dtype, w.batch_size) == (
-                r.group, r.arch, v.mode, r.optimizer, v.compile, v.dtype, v.batch_size
+            if b.attn == "softmax" and (b.group, b.arch, w.mode, w.compile, w.dtype, w.batch_size) == (
+                r.group, r.arch, v.mode, v.compile, v.dtype, v.batch_size
             ):
                 ratios = [t / tb for t, tb in zip(r.times, b.times)]
                 r.baseline, r.ratio = j, statistics.median(ratios)
@@ -213,17 +210,11 @@ def run_group(
 
 def _label(r: Result) -> str:
     v = r.variant
-    return (f"{v.model} {v.mode}{'' if v.mode == 'infer' else ' ' + r.optimizer} attn={r.attn} out={r.out} backend={v.backend}({r.kernel}) "
+    return (f"{v.model} {v.mode} attn={r.attn} out={r.out} backend={v.backend}({r.kernel}) "
             f"compile={'on' if v.compile else 'off'} {v.dtype} b{v.batch_size} {r.tokens}tok")
 
 
 # ----------------------------------------------------------------------------- what to run
-
-def _optims_for(mode: str, optims: Sequence[str]) -> Sequence[str]:
-    """The --optim-impl values a mode is measured with: all for train steps, the first for
-    inference (no optimizer: one variant, not one per value)."""
-    return optims if mode == "train" else optims[:1]
-
 
 # --preset deit's sizes: (architecture, patch/resolution suffix) of the model names
 DEIT_SIZES = {"tiny": ("deit_tiny", "patch16_224"), "small": ("deit_small", "patch16_224"),
@@ -231,7 +222,7 @@ DEIT_SIZES = {"tiny": ("deit_tiny", "patch16_224"), "small": ("deit_small", "pat
 
 
 def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], modes: Sequence[str],
-                optims: Sequence[str] = ("auto",), sizes: Sequence[str] = ("tiny", "small"),
+                sizes: Sequence[str] = ("tiny", "small"),
                 device: torch.device = torch.device("cpu")) -> Dict[str, List[Variant]]:
     """MultiMax vs the softmax-SDPA GAP baseline, one group per (size, mode, dtype), eager and
     compiled alternated within the group. On CUDA MultiMax runs twice, with the explicit path
@@ -241,9 +232,8 @@ def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], mod
     for size, mode, dtype in itertools.product(sizes, modes, dtypes):
         arch, suffix = DEIT_SIZES[size]
         groups[f"{arch}-{mode}-{dtype}"] = [
-            Variant(f"{arch}_{kind}_{suffix}", mode=mode, backend=backend, compile=c, dtype=dtype, batch_size=batch, optim=o)
-            for c in compiles for o in _optims_for(mode, optims)
-            for kind, backend in [("gap", "auto"), *(("multimax", b) for b in multimax)]
+            Variant(f"{arch}_{kind}_{suffix}", mode=mode, backend=backend, compile=c, dtype=dtype, batch_size=batch)
+            for c in compiles for kind, backend in [("gap", "auto"), *(("multimax", b) for b in multimax)]
         ]
     return groups
 
@@ -271,18 +261,17 @@ def cli_variants(args: argparse.Namespace, batch: int, device: torch.device) -> 
         if backend == "flex" and mode == "train" and device.type != "cuda":
             print(f"skipping {model} flex train: flex has no backward on {device.type}")
             continue
-        out += [Variant(model, mode, backend, comp == "on", dtype, batch, img, attn, outn, optim)
-                for optim in _optims_for(mode, args.optim_impl)]
+        out.append(Variant(model, mode, backend, comp == "on", dtype, batch, img, attn, outn))
     if not out:
         raise UserError("no variant left to run (see the 'skipping' lines above)")
     return out
 
 
 def throughput_table(results: List[Result]) -> str:
-    head = ("| group | model | mode | optimizer | compile | attn/out | backend (kernel) | dtype | batch | tokens "
+    head = ("| group | model | mode | compile | attn/out | backend (kernel) | dtype | batch | tokens "
             "| img/s | ms/step | × baseline | 95% CI of × | × best-of-runs | faults/step | peak extra MB |")
     return markdown_table(head, [
-        f"| {r.group} | {r.variant.model} | {r.variant.mode} | {r.optimizer} | {'on' if r.variant.compile else 'off'} "
+        f"| {r.group} | {r.variant.model} | {r.variant.mode} | {'on' if r.variant.compile else 'off'} "
         f"| {r.attn}/{r.out} | {r.variant.backend} ({r.kernel}) | {r.variant.dtype} | {r.variant.batch_size} "
         f"| {r.tokens} | {r.img_per_s:.1f} | {r.median_s * 1e3:.0f} | {fmt(r.ratio, '.3f')} "
         f"| {'–' if r.ratio_ci is None else f'{r.ratio_ci[0]:.3f}–{r.ratio_ci[1]:.3f}'} "
@@ -306,8 +295,6 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--sizes", nargs="+", default=["tiny", "small"], choices=list(DEIT_SIZES),
                    help="deit preset: model sizes (micro = the 28x28 CPU demo model)")
     p.add_argument("--mode", nargs="+", default=list(MODES), choices=MODES)
-    p.add_argument("--optim-impl", nargs="+", default=["auto"], choices=ADAMW_IMPLS,
-                   help="train steps: how AdamW runs (optim.impl; auto = fused on CPU/CUDA as in train.py)")
     p.add_argument("--batch-size", type=int, default=None, help="default: 8 on CPU, 128 on CUDA")
     p.add_argument("--img-size", nargs="+", type=int, default=None, help="image size(s) (default: the model's)")
     p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
@@ -321,7 +308,7 @@ def run(args: argparse.Namespace) -> None:
     batch = args.batch_size or (128 if device.type == "cuda" else 8)
     if args.preset == "deit":
         compiles = [c == "on" for c in args.compile or ["off", "on"]]
-        groups = deit_groups(batch, args.dtype, compiles, args.mode, args.optim_impl, args.sizes, device)
+        groups = deit_groups(batch, args.dtype, compiles, args.mode, args.sizes, device)
     else:
         groups = {"cli": cli_variants(args, batch, device)}
     results: List[Result] = []

@@ -34,23 +34,6 @@ def test_benchmark_end_to_end(tmp_path):
     assert md.count("| vit_micro_multimax_patch7_28 |") == 8 and "× baseline" in md
 
 
-def test_benchmark_optimizer_variants(tmp_path):
-    """--optim-impl is a variant axis of train steps only; each optimizer is its own baseline."""
-    bench = load_script("benchmark")
-    out_json = tmp_path / "o.json"
-    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--attn-normalizer", "softmax", "multimax",
-                     "--optim-impl", "loop", "auto", "--mode", "train", "infer", "--batch-size", "2",
-                     "--warmup", "1", "--repeats", "1", "--steps", "1", "--threads", "1", "--no-memory",
-                     "--out-json", str(out_json)])
-    assert rc == 0
-    rows = json.loads(out_json.read_text())["throughput"]
-    train = [(r["attn"], r["optimizer"]) for r in rows if r["variant"]["mode"] == "train"]
-    assert sorted(train) == [("multimax", "fused"), ("multimax", "loop"), ("softmax", "fused"), ("softmax", "loop")]
-    assert [r["optimizer"] for r in rows if r["variant"]["mode"] == "infer"] == ["–", "–"]
-    for r in rows:
-        assert rows[r["baseline"]]["optimizer"] == r["optimizer"] and rows[r["baseline"]]["attn"] == "softmax"
-
-
 def test_benchmark_memory_end_to_end(tmp_path):
     bench = load_script("benchmark_memory")
     out_json, out_md = tmp_path / "m.json", tmp_path / "m.md"
