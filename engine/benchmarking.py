@@ -36,6 +36,7 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
+from .cpu_alloc import ALLOCATOR_MODES, apply_allocator_mode
 from .errors import UserError
 
 DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
@@ -178,6 +179,8 @@ def add_common_args(p: argparse.ArgumentParser, warmup: int, repeats: int) -> No
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="wall time, or process CPU time (use with --threads 1 on a shared machine)")
+    p.add_argument("--malloc", default="tuned", choices=ALLOCATOR_MODES,
+                   help="CPU: glibc malloc tuned as train.py does (engine.cpu_alloc), or its defaults")
     p.add_argument("--out-json", help="write all settings, machine facts and raw times here")
     p.add_argument("--out-md", help="write the markdown table(s) here")
 
@@ -219,9 +222,11 @@ def parse_device(name: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> Tuple[torch.device, Dict[str, object]]:
-    """The device (``args.dtype`` filled in by it) and the machine facts for the report."""
+    """Apply the common options (device, malloc mode; ``args.dtype`` filled in by device) and
+    return the device and the machine facts for the report."""
     device = parse_device(args.device)
     info = machine_info(device)
+    info["malloc"] = "tuned (engine.cpu_alloc)" if apply_allocator_mode(args.malloc, device.type) else "default"
     args.dtype = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"])
     return device, info
 
@@ -238,8 +243,6 @@ def machine_info(device: torch.device) -> Dict[str, object]:
         "torch": torch.__version__, "timm": timm.__version__, "python": platform.python_version(),
         "device": str(device), "date": datetime.datetime.now().isoformat(timespec="seconds"),
         "command": " ".join([os.path.basename(sys.executable), *sys.argv]),
-        # glibc's malloc settings from the environment (they decide the page faults of a CPU step)
-        "malloc": " ".join(f"{k}={v}" for k, v in sorted(os.environ.items()) if k.startswith("MALLOC_")) or "default",
     }
     if device.type == "cuda":
         info["gpu"] = torch.cuda.get_device_name(device)

@@ -28,6 +28,7 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
+from .cpu_alloc import ALLOCATOR_MODES
 from .errors import UserError
 
 
@@ -64,8 +65,6 @@ PATH_KEYS = ("data.root", "train.output_dir", "train.resume", "model.init_checkp
 # where it is typed now, it is refused with this reason.
 RETIRED_KEYS = {
     "optim.impl": "AdamW runs fused wherever torch has the kernel for the parameters (CPU and CUDA)",
-    "train.cpu_malloc": "glibc's malloc keeps its defaults; MALLOC_TRIM_THRESHOLD_ and MALLOC_MMAP_THRESHOLD_ "
-                        "in the environment tune it (docs/PERFORMANCE.md)",
 }
 
 
@@ -177,6 +176,7 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # smoke runs
     stop_after_epochs: Optional[int] = None    # end this job after N epochs (rerun to resume)
     dist_backend: str = "auto"                 # auto | nccl | gloo
+    cpu_malloc: str = "tuned"                  # tuned | default: glibc keeps freed memory (engine.cpu_alloc)
 
 
 @dataclass
@@ -463,6 +463,7 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
+    "train.cpu_malloc": ALLOCATOR_MODES,
 }
 
 _OPTIONAL_CHOICES = ("model.attn_normalizer", "model.out_normalizer")  # None: the model variant's

@@ -17,14 +17,14 @@ and the confidence interval are). Reported: the median step time over repeats (â
 against the baseline (the same architecture, mode, compile flag and dtype with
 softmax attention), the median of the per-repeat time ratios with its 95% confidence interval,
 and the ratio of the fastest repeats (the least disturbed ones on a shared machine); also the
-median minor page faults per step (on CPU they depend on glibc's malloc settings, which the
-report records from the environment). A train step is forward + cross-entropy + backward +
-AdamW step, the optimizer built as train.py builds it (``engine.optim.build_optimizer``: DeiT's
+median minor page faults per step. A train step is forward + cross-entropy + backward + AdamW
+step, the optimizer built as train.py builds it (``engine.optim.build_optimizer``: DeiT's
 parameter groups, fused AdamW on CPU and CUDA); an inference step is a forward under
-inference_mode. "peak extra MB" is the peak of memory allocated during one step above what was
-allocated before it (weights, optimizer state, the input batch), as
-``engine.benchmarking.ExtraMemory`` counts it (not reported for compiled variants on CPU, whose
-buffers that counter cannot see).
+inference_mode. On CPU, glibc's malloc is tuned as
+train.py tunes it (``engine.cpu_alloc``); ``--malloc default`` measures with glibc's defaults.
+"peak extra MB" is the peak of memory allocated during one step above what was allocated before
+it (weights, optimizer state, the input batch), as ``engine.benchmarking.ExtraMemory`` counts it
+(not reported for compiled variants on CPU, whose buffers that counter cannot see).
 """
 from __future__ import annotations
 
