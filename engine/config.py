@@ -47,9 +47,6 @@ def _model_choices() -> types.ModuleType:
 
 
 MODEL_CHOICES = _model_choices()
-# How AdamW runs (torch.optim.AdamW's implementations, the same update): auto picks fused where
-# torch has the fused kernel for the parameters' device and dtype (CPU and CUDA), else torch's default.
-ADAMW_IMPLS = ("auto", "fused", "foreach", "loop")
 LR_SCHEDULES = ("cosine_epoch", "cosine", "constant")  # engine.optim.build_schedule
 
 # data.dataset: ours (any spelling below), or one of timm's map-style datasets: torch/<name> for the
@@ -62,6 +59,13 @@ TIMM_TORCH_DATASETS = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist"
 TIMM_STREAMING_PREFIXES = ("hfids", "tfds", "wds")
 # Keys holding paths: a leading ~ is expanded as the shell would.
 PATH_KEYS = ("data.root", "train.output_dir", "train.resume", "model.init_checkpoint")
+# Keys the schema no longer has, with what replaced them. Each only chose how fast a step ran, never
+# what it computed, so a file that sets one (an older run directory's config.yaml, a checkpoint's
+# stored config, a config copied from them) still loads with the key dropped; on the command line,
+# where it is typed now, it is refused with this reason.
+RETIRED_KEYS = {
+    "optim.impl": "AdamW runs fused wherever torch has the kernel for the parameters (CPU and CUDA)",
+}
 
 
 @dataclass
@@ -146,7 +150,6 @@ class OptimConfig:
     warmup_epochs: float = 5.0
     warmup_lr: float = 1e-6
     min_lr: float = 1e-5
-    impl: str = "auto"                         # auto | fused | foreach | loop: how AdamW runs (same math)
 
 
 @dataclass
@@ -369,10 +372,15 @@ def _all_keys(cls: type = Config, prefix: str = "") -> Tuple[str, ...]:
 
 def _merge(node: Any, mapping: Dict[str, Any], prefix: str, source: str, sources: Dict[str, str]) -> None:
     """Write ``mapping`` onto the dataclass ``node`` key by key (sub-mappings merge), checking
-    names and types, and note in ``sources`` where each dotted key was last set."""
+    names and types (``RETIRED_KEYS``: dropped), and note in ``sources`` where each dotted key was
+    last set."""
     hints = _hints(type(node))
     for key, value in mapping.items():
         dotted = f"{prefix}{key}"
+        if dotted in RETIRED_KEYS:
+            if source == CLI:
+                raise UserError(f"{source}: {dotted} no longer exists ({RETIRED_KEYS[dotted]}); drop it")
+            continue
         if key not in hints:
             leaf = dotted.rsplit(".", 1)[-1]  # right name in the wrong section?
             guess = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf] or \
@@ -451,7 +459,6 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "data.bad_images": ("error", "skip"),
     "optim.opt": ("adamw",),
     "optim.sched": LR_SCHEDULES,
-    "optim.impl": ADAMW_IMPLS,
     "train.device": ("auto", "cpu", "cuda"),
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),

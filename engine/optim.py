@@ -5,10 +5,10 @@ Weight decay applies to matrices and convolution kernels only: every 1-D paramet
 LayerNorm scales, every SegLU ``ranges``/``ts``) and the names the model lists in
 ``no_weight_decay()`` (``pos_embed``) go to the no-decay group.
 
-``optim.impl`` chooses how torch runs the update (the math is the same): ``auto`` takes the fused
-kernel where torch has one for the parameters (CPU and CUDA floating point): one pass over all
-parameters instead of a handful of ops per parameter tensor (docs/PERFORMANCE.md measures the
-train step with both).
+AdamW runs fused where torch has the kernel for the parameters (floating point on CPU and CUDA):
+one pass over all parameters instead of a handful of ops per parameter tensor, and a step whose
+gradients are not finite is skipped on the device (``found_inf``), so the loop never waits for
+the GPU; elsewhere torch's default implementation (the same update).
 """
 from __future__ import annotations
 
@@ -19,7 +19,7 @@ from typing import Dict, List, Union
 import torch
 import torch.nn as nn
 
-from .config import ADAMW_IMPLS, OptimConfig
+from .config import OptimConfig
 from .errors import UserError
 
 
@@ -44,31 +44,17 @@ def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.opti
     if cfg.opt.lower() != "adamw":
         raise UserError(f"optim.opt: only 'adamw' is supported (the DeiT recipe), got {cfg.opt!r}")
     groups = param_groups(model, cfg.weight_decay)
-    params = [p for g in groups for p in g["params"]]
-    impl = adamw_impl(cfg.impl, params)
-    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, **_IMPL_FLAGS[impl])
+    fused = True if fusable([p for g in groups for p in g["params"]]) else None  # None: torch's default
+    return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
 
 
-_IMPL_FLAGS = {"fused": {"fused": True}, "foreach": {"foreach": True}, "loop": {"foreach": False}, "default": {}}
 _FUSED_DEVICES = ("cpu", "cuda")
 _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 
 
-def adamw_impl(impl: str, params: List[torch.Tensor]) -> str:
-    """The implementation ``optim.impl`` means for these parameters: fused | foreach | loop |
-    default (torch's own choice). ``auto`` is fused when every parameter is a floating-point
-    tensor on CPU or CUDA, default otherwise; an explicit ``fused`` the parameters cannot take
-    is a UserError."""
-    if impl not in ADAMW_IMPLS:
-        raise UserError(f"optim.impl: choose one of {ADAMW_IMPLS}, got {impl!r}")
-    fusable = all(p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES for p in params)
-    if impl == "auto":
-        return "fused" if fusable else "default"
-    if impl == "fused" and not fusable:
-        kinds = sorted({f"{p.device.type}/{p.dtype}" for p in params})
-        raise UserError(f"optim.impl: fused AdamW needs floating-point parameters on {_FUSED_DEVICES}, "
-                        f"got {kinds}; use optim.impl=auto")
-    return impl
+def fusable(params: List[torch.Tensor]) -> bool:
+    """Whether torch's fused AdamW takes these parameters: floating point, on CPU or CUDA."""
+    return all(p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES for p in params)
 
 
 _IMPL_KEYS = ("fused", "foreach")
@@ -76,9 +62,10 @@ _IMPL_KEYS = ("fused", "foreach")
 
 def load_optimizer_state(optimizer: torch.optim.Optimizer, state: Dict) -> None:
     """``optimizer.load_state_dict(state)``, keeping this optimizer's implementation: torch takes
-    every group setting from the saved groups, ``fused``/``foreach`` included, so a run saved with
-    another ``optim.impl`` would go on with the old one. The fused kernel wants its step counts
-    as float32 tensors on the parameters' device; the for-loop saves them on the CPU."""
+    every group setting from the saved groups, ``fused``/``foreach`` included, so a state saved by
+    another implementation (a for-loop run, or a device without the fused kernel) would go on with
+    it. The fused kernel wants its step counts as float32 tensors on the parameters' device; the
+    for-loop saves them on the CPU."""
     keep = [{k: g.get(k) for k in _IMPL_KEYS} for g in optimizer.param_groups]
     optimizer.load_state_dict(state)
     for group, flags in zip(optimizer.param_groups, keep):

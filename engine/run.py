@@ -20,7 +20,7 @@ from . import distributed as dist
 from .checkpoint import (
     FORMAT_VERSION, capture_rng_state, find_resume_checkpoint, load_checkpoint, pid_alive,
 )
-from .config import Config, config_to_dict, dump_config, resolve_config
+from .config import RETIRED_KEYS, Config, config_to_dict, dump_config, resolve_config
 from .errors import UserError
 from .logger import console, truncate_jsonl
 from .loop import EpochStart, TrainState
@@ -33,7 +33,7 @@ _RESUMABLE_CHANGES = {
     "train.resume", "train.allow_config_change", "train.log_every", "train.stop_after_epochs",
     "train.compile", "train.device", "train.dist_backend", "train.output_dir", "train.keep_top_k",
     "train.log_modulators", "train.plot_modulators", "model.attn_backend", "model.grad_checkpointing",
-    "train.cpu_malloc", "optim.impl", "train.tf32", "train.max_consecutive_skips",
+    "train.cpu_malloc", "train.tf32", "train.max_consecutive_skips",
 }
 
 
@@ -63,8 +63,10 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
     with open(cfg_path) as f:
         old = yaml.safe_load(f) or {}
     old.pop("resolved", None)
-    # a key the old file lacks (written before the key existed) had its default value then
-    old_flat = {**_flatten(config_to_dict(Config())), **_flatten(old)}
+    # a key the old file lacks (written before the key existed) had its default value then; one
+    # the schema no longer has changed no result
+    old_flat = {k: v for k, v in {**_flatten(config_to_dict(Config())), **_flatten(old)}.items()
+                if k not in RETIRED_KEYS}
     new_flat = _flatten(config_to_dict(cfg))
     changed = sorted(k for k in set(old_flat) | set(new_flat)
                      if k not in _RESUMABLE_CHANGES and old_flat.get(k) != new_flat.get(k))

@@ -1,10 +1,12 @@
-"""scripts/benchmark.py: end to end on tiny models, its variant axes, presets and statistics, its
-memory counter, and the memory target it measures (chunked attention's peak)."""
+"""scripts/benchmark.py and scripts/benchmark_memory.py: end to end on tiny models, the variant
+axes, the deit preset and the statistics; the memory counters (engine.benchmarking, the RSS
+probe) and the memory target they measure (chunked attention's peak)."""
 import json
 
 import pytest
 import torch
 
+from engine.benchmarking import LiveTensorBytes, median_ci
 from helpers import load_script
 from models.attention_kernels import ScoreModulation, chunked_attention, modulated_softmax
 from models.multimax import build_normalizer
@@ -32,59 +34,45 @@ def test_benchmark_end_to_end(tmp_path):
     assert md.count("| vit_micro_multimax_patch7_28 |") == 8 and "× baseline" in md
 
 
-def test_benchmark_optimizer_variants(tmp_path):
-    """--optim-impl is a variant axis of train steps only; each optimizer is its own baseline."""
-    bench = load_script("benchmark")
-    out_json = tmp_path / "o.json"
-    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--attn-normalizer", "softmax", "multimax",
-                     "--optim-impl", "loop", "auto", "--mode", "train", "infer", "--batch-size", "2",
-                     "--warmup", "1", "--repeats", "1", "--steps", "1", "--threads", "1", "--no-memory",
-                     "--out-json", str(out_json)])
-    assert rc == 0
-    rows = json.loads(out_json.read_text())["throughput"]
-    train = [(r["attn"], r["optimizer"]) for r in rows if r["variant"]["mode"] == "train"]
-    assert sorted(train) == [("multimax", "fused"), ("multimax", "loop"), ("softmax", "fused"), ("softmax", "loop")]
-    assert [r["optimizer"] for r in rows if r["variant"]["mode"] == "infer"] == ["–", "–"]
-    for r in rows:
-        assert rows[r["baseline"]]["optimizer"] == r["optimizer"] and rows[r["baseline"]]["attn"] == "softmax"
-
-
-def test_benchmark_memory_preset(tmp_path):
-    bench = load_script("benchmark")
-    out_json = tmp_path / "m.json"
-    rc = bench.main(["--preset", "memory", "--model", "vit_micro_multimax_patch7_28", "--img-size", "28",
-                     "--compile", "off", "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-rss",
-                     "--out-json", str(out_json)])
+def test_benchmark_memory_end_to_end(tmp_path):
+    bench = load_script("benchmark_memory")
+    out_json, out_md = tmp_path / "m.json", tmp_path / "m.md"
+    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--img-size", "28", "--compile", "off",
+                     "--batch-size", "2", "--warmup", "1", "--repeats", "1", "--no-rss",
+                     "--out-json", str(out_json), "--out-md", str(out_md)])
     assert rc == 0
     rows = json.loads(out_json.read_text())["attention_memory"]
     assert [r["kernel"] for r in rows] == ["sdpa", "explicit", "chunked"]
     assert all(r["peak_mb"] > 0 and r["spec"]["tokens"] == 16 for r in rows) and rows[1]["ratio"] == 1.0
+    assert out_md.read_text().count("| vit_micro_multimax_patch7_28 |") == 3
 
 
 def test_benchmark_rss_probe():
-    bench = load_script("benchmark")
+    bench = load_script("benchmark_memory")
     spec = bench.LayerSpec("vit_micro_multimax_patch7_28", "multimax", "explicit", False, 8, 256, "fp32")
     # explicit MultiMax at 256 tokens, batch 8, 4 heads: one fp32 score tensor is 8 MiB, and the
     # scores, the probabilities and their gradients are all materialised
-    assert bench._rss_probe(spec) > 3 * 8
+    assert bench.rss_probe(spec) > 3 * 8
 
 
 def test_benchmark_user_errors(capsys):
-    bench = load_script("benchmark")
-    assert bench.main(["--model", "no_such_model", "--repeats", "1"]) == 2
-    assert "no_such_model" in capsys.readouterr().err
+    for script, args in (("benchmark", ["--model", "no_such_model", "--repeats", "1"]),
+                         ("benchmark_memory", ["--model", "no_such_model", "--no-rss"]),
+                         ("benchmark", ["--repeats", "0"]), ("benchmark_memory", ["--batch-size", "0"])):
+        assert load_script(script).main(args) == 2
+        err = capsys.readouterr().err
+        assert err.startswith(f"{script}.py: error: ") and ("no_such_model" in err or "must be >= 1" in err), err
     if not torch.cuda.is_available():
-        assert bench.main(["--device", "cuda"]) == 2
+        assert load_script("benchmark").main(["--device", "cuda"]) == 2
         assert "CUDA is not available" in capsys.readouterr().err
 
 
 def test_median_ci_brackets_the_median():
-    bench = load_script("benchmark")
     xs = [1.0 + 0.01 * ((7 * i) % 41) for i in range(41)]  # 1.00 … 1.40, shuffled
-    lo, hi = bench.median_ci(xs)
+    lo, hi = median_ci(xs)
     assert lo < sorted(xs)[20] < hi
     assert (lo, hi) == (sorted(xs)[14], sorted(xs)[26])  # ranks 20.5 ∓ 6.3 of 41
-    assert bench.median_ci([1.2]) == (1.2, 1.2)
+    assert median_ci([1.2]) == (1.2, 1.2)
 
 
 def test_deit_preset_puts_flex_next_to_compiled_explicit_on_cuda():
@@ -115,7 +103,6 @@ def test_deit_preset_runs_on_the_micro_size(tmp_path):
 
 
 def test_chunked_peak_memory_is_a_fraction_of_explicit():
-    bench = load_script("benchmark")
     g = torch.Generator().manual_seed(0)
     norm = build_normalizer("multimax")
     with torch.no_grad():
@@ -126,7 +113,7 @@ def test_chunked_peak_memory_is_a_fraction_of_explicit():
     peaks = {}
     for name, fn in {"explicit": lambda: modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v,
                      "chunked": lambda: chunked_attention(q, k, v, mod, 0.25, chunk_size=32)}.items():
-        with bench.LiveTensorBytes() as tracker:
+        with LiveTensorBytes() as tracker:
             out = fn()
             out.backward(torch.ones_like(out))
         peaks[name] = tracker.peak
@@ -136,8 +123,7 @@ def test_chunked_peak_memory_is_a_fraction_of_explicit():
 
 
 def test_live_tensor_counter():
-    bench = load_script("benchmark")
-    with bench.LiveTensorBytes() as tracker:
+    with LiveTensorBytes() as tracker:
         a = torch.empty(1000, 1000)  # 4 MB
         b = a.view(-1)[:10]  # a view: no new storage
         del a, b

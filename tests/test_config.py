@@ -12,8 +12,8 @@ import torch
 import yaml
 
 import models  # registers the MultiMax/GAP ViTs with timm
-from engine.config import (CLI, Config, apply_overrides, config_from_yaml_text, config_to_dict, dump_config,
-                           effective_lr, load_config, resolve_config)
+from engine.config import (CLI, RETIRED_KEYS, Config, apply_overrides, config_from_yaml_text, config_to_dict,
+                           dump_config, effective_lr, load_config, resolve_config)
 from engine.errors import UserError
 from engine.model import build_model
 from helpers import run_train, tiny_overrides
@@ -315,6 +315,25 @@ def test_out_of_range_value_from_a_file_names_the_file(tmp_path):
     msg = error(write(tmp_path, "neg.yaml", "optim:\n  lr: -1.0e-3\n"))
     assert "optim.lr" in msg and "neg.yaml" in msg and "> 0" in msg
     assert "did you mean 'multimax'" in error(None, ["model.attn_normalizer=MultiMax"])
+
+
+def test_retired_keys_load_from_files_and_are_refused_on_the_command_line(tmp_path):
+    """A key the schema no longer has (RETIRED_KEYS) is dropped where an older file sets it (a run's
+    config.yaml, a checkpoint's stored config) and refused, with the reason, when typed now."""
+    old = {"optim": {"lr": 1.0e-3}, "train": {"epochs": 2}}
+    for dotted in RETIRED_KEYS:
+        section, key = dotted.split(".")
+        old[section][key] = "anything"
+    text = yaml.safe_dump(old)
+    expected = load_config(None, ["optim.lr=1e-3", "train.epochs=2"])
+    assert config_from_yaml_text(text) == expected
+    path = tmp_path / "old.yaml"
+    path.write_text(text)
+    assert load_config(str(path)) == expected
+    for dotted, reason in RETIRED_KEYS.items():
+        with pytest.raises(UserError, match=f"command line: {dotted} no longer exists") as e:
+            load_config(None, [f"{dotted}=anything"])
+        assert reason in str(e.value)
 
 
 def test_override_without_equals_sign():
