@@ -266,7 +266,8 @@ def write_report(args: argparse.Namespace, info: Dict[str, object], results: Dic
     payload = {"machine": info, "settings": settings, **results}
     md = [f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
           f"device {info['device']}{', ' + str(info['gpu']) if 'gpu' in info else ''}, torch {info['torch']}, "
-          f"{info['date']}; clock: {args.clock} time; malloc: {info['malloc']}.", "",
+          f"{info['date']}; clock: {args.clock} time; malloc: {info['malloc']}"
+          f"{'; CPU inference blocks: ' + str(info['cpu_infer_blocks']) if 'cpu_infer_blocks' in info else ''}.", "",
           f"Command: `{info['command']}`", ""]
     for table in tables:
         md += [table, ""]

@@ -22,6 +22,8 @@ step, the optimizer built as train.py builds it (``engine.optim.build_optimizer`
 parameter groups, fused AdamW on CPU and CUDA); an inference step is a forward under
 inference_mode. On CPU, glibc's malloc is tuned as
 train.py tunes it (``engine.cpu_alloc``); ``--malloc default`` measures with glibc's defaults.
+CPU inference of the explicit path runs in cache-sized blocks (``models.attention_kernels``);
+``--cpu-infer-blocks off`` measures it in one block, the whole (B, H, N, N) scores at once.
 "peak extra MB" is the peak of memory allocated during one step above what was allocated before
 it (weights, optimizer state, the input batch), as ``engine.benchmarking.ExtraMemory`` counts it
 (not reported for compiled variants on CPU, whose buffers that counter cannot see).
@@ -53,6 +55,7 @@ from engine.benchmarking import (  # noqa: E402
 from engine.config import OptimConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
+from models import attention_kernels  # noqa: E402
 from models.choices import ATTN_BACKENDS, NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
 
 MODES = ("train", "infer")
@@ -299,12 +302,27 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--img-size", nargs="+", type=int, default=None, help="image size(s) (default: the model's)")
     p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
+    p.add_argument("--cpu-infer-blocks", default="on", choices=("on", "off"),
+                   help="CPU inference of the explicit path in cache-sized blocks (as the library runs it), "
+                        "or in one block")
     add_common_args(p, warmup=3, repeats=5)
     return parse_cli_args(p, argv, {"warmup": 0, "repeats": 1, "steps": 1, "batch_size": 1, "threads": 1})
 
 
 def run(args: argparse.Namespace) -> None:
     device, info = setup(args)
+    info["cpu_infer_blocks"] = args.cpu_infer_blocks
+    block_elements = attention_kernels.CPU_BLOCK_ELEMENTS
+    if args.cpu_infer_blocks == "off":
+        attention_kernels.CPU_BLOCK_ELEMENTS = sys.maxsize
+    try:
+        results = run_groups(args, device)
+    finally:
+        attention_kernels.CPU_BLOCK_ELEMENTS = block_elements
+    write_report(args, info, {"throughput": results}, [throughput_table(results)])
+
+
+def run_groups(args: argparse.Namespace, device: torch.device) -> List[Result]:
     batch = args.batch_size or (128 if device.type == "cuda" else 8)
     if args.preset == "deit":
         compiles = [c == "on" for c in args.compile or ["off", "on"]]
@@ -317,7 +335,7 @@ def run(args: argparse.Namespace) -> None:
                              args.compile_mode, memory=not args.no_memory, clock=args.clock)
         gc.collect()
     set_baselines(results)
-    write_report(args, info, {"throughput": results}, [throughput_table(results)])
+    return results
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
