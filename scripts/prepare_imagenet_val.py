@@ -6,7 +6,7 @@ With the official devkit (ILSVRC2012_devkit_t12.tar.gz, files under data/):
 
     python scripts/prepare_imagenet_val.py /data/imagenet/val \\
         --ground-truth ILSVRC2012_devkit_t12/data/ILSVRC2012_validation_ground_truth.txt \\
-        --meta ILSVRC2012_devkit_t12/data/meta.mat            # needs scipy (pip install scipy)
+        --meta ILSVRC2012_devkit_t12/data/meta.mat            # scipy reads it (in requirements.txt)
 
 or with Kaggle's LOC_val_solution.csv (ImageId,PredictionString; the first token is the WNID):
 

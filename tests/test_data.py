@@ -584,7 +584,7 @@ def test_prepare_val_refuses_mismatches_and_moves_nothing(tmp_path, capsys):
 
 
 def test_prepare_val_reads_devkit_meta_mat(tmp_path):
-    scipy_io = pytest.importorskip("scipy.io")
+    import scipy.io as scipy_io  # a requirement (requirements.txt)
     prep = _prepare_module()
     rows = [(i, w, 0) for i, w in WNIDS.items()] + [(1001, "n00001740", 3)]  # a non-leaf parent entry
     synsets = np.array(rows, dtype=[("ILSVRC2012_ID", "O"), ("WNID", "O"), ("num_children", "O")])
