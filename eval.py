@@ -47,10 +47,9 @@ from engine.checkpoint import download_checkpoint, is_url, load_checkpoint
 from engine.config import Config, config_to_dict
 from engine.cpu_alloc import apply_allocator_mode
 from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError
-from engine.evaluation import EvalSpec, checkpoint_model, classifier_and_stem, eval_config, timm_preprocessing
+from engine.evaluation import EvalSpec, checkpoint_model, eval_config, head_rows, source_crop_mode, source_state_dict
 from engine.loop import evaluate
 from engine.model import build_pretrained
-from models.weights import CheckpointMismatchError, extract_state_dict, strip_prefixes
 
 CHECKPOINT_SUFFIXES = (".pth", ".pt", ".safetensors")
 EXPORT_CONFIG = "config.json"  # marks a folder written by scripts/export.py (Hugging Face Hub layout)
@@ -216,12 +215,8 @@ def pretrained_model(src: Source, cfg: Config, args: argparse.Namespace) -> nn.M
     ``model.kwargs`` and ``--img-size`` are passed on."""
     state_dict, num_classes = None, None
     if src.weights_file:
-        try:
-            state_dict = strip_prefixes(extract_state_dict(load_checkpoint(src.weights_file), args.use_ema))
-        except CheckpointMismatchError as e:
-            raise UserError(f"{src.weights_file}: {e}") from None
-        head = state_dict.get(f"{classifier_and_stem(src.timm_name)[0]}.weight")
-        num_classes = int(head.shape[0]) if head is not None and head.dim() == 2 else None
+        state_dict = source_state_dict(load_checkpoint(src.weights_file), args.use_ema, src.weights_file)
+        num_classes = head_rows(state_dict, src.timm_name)
     elif args.use_ema:
         raise UserError(f"--use-ema: {src.label} holds one set of weights (EMA applies to checkpoints with model_ema)")
     return build_pretrained(src.timm_name, state_dict, num_classes, img_size=args.img_size, **cfg.model.kwargs)
@@ -292,7 +287,7 @@ def evaluate_source(src: Source, args: argparse.Namespace,
         model = pretrained_model(src, cfg, args)
         weights = {"source": "timm", "dropped": [], "resampled": []}
         trained_classes = model.pretrained_cfg.get("label_names")
-        crop_mode = "center" if args.config or src.stored_config else timm_preprocessing(cfg, model, spec)
+        crop_mode = source_crop_mode(spec, cfg, model, stored=src.stored_config)
     if info is None:
         info = dist.init_distributed(cfg.train.device, cfg.train.dist_backend)
     d, img_size = cfg.data, cfg.model.img_size

@@ -44,7 +44,6 @@ def train(cfg, info) -> int:
     Returns the exit code."""
     # imported here rather than above, so that --help and --print-config answer without loading torch
     import torch
-    from timm.utils import unwrap_model
 
     from data import build_loaders, set_epoch
     from engine import distributed as dist
@@ -136,7 +135,7 @@ def train(cfg, info) -> int:
                                                               classes=loaders.info.classes), epoch, metric)
                 logger.log_epoch(record, state.step)
                 if cfg.train.log_modulators:
-                    logger.modulators(modulators(unwrap_model(model)), state.step, figure=cfg.train.plot_modulators)
+                    logger.modulators(modulators(model), state.step, figure=cfg.train.plot_modulators)
                 console(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                         info.is_main)
                 stop_after = cfg.train.stop_after_epochs

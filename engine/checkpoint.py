@@ -248,11 +248,6 @@ def _replicate(src: str, dst: str) -> None:
 
 # ---------------------------------------------------------------- loading
 
-def _first_line(e: BaseException) -> str:
-    text = str(e).strip().splitlines()
-    return (text[0] if text else type(e).__name__)[:200]
-
-
 def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
     """``models.read_checkpoint`` for the entry scripts: ``.pth``/``.pt`` with
     ``torch.load(weights_only=True)`` (plus DeiT's ``argparse.Namespace``), or ``.safetensors``;
@@ -274,15 +269,13 @@ def download_checkpoint(url: str) -> str:
     checked. Under DDP the main rank downloads while the others wait, then reuse its copy."""
     from urllib.parse import urlparse
 
-    import torch.distributed as torch_dist
-
-    from .distributed import barrier
+    from .distributed import barrier, is_main_process
 
     name = os.path.basename(urlparse(url).path)
     if not name:
         raise UserError(f"{url}: the URL names no file")
     path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
-    main = not (torch_dist.is_available() and torch_dist.is_initialized()) or torch_dist.get_rank() == 0
+    main = is_main_process()
     if not main:
         barrier()
     try:
@@ -354,7 +347,7 @@ class CheckpointManager:
             self.best = index.get("best")
         except (OSError, ValueError, KeyError, TypeError, AttributeError) as e:
             self.history, self.best = {}, None
-            warnings.warn(f"{path} is unreadable ({_first_line(e)}); starting a new top-k ranking "
+            warnings.warn(f"{path} is unreadable ({one_line_reason(e)}); starting a new top-k ranking "
                           "(existing epoch files are kept)")
 
     def _write_index(self) -> None:

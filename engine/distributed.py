@@ -187,6 +187,11 @@ def _active() -> bool:
     return tdist.is_available() and tdist.is_initialized()
 
 
+def is_main_process() -> bool:
+    """True on rank 0 of the process group, and in a process without one."""
+    return not _active() or tdist.get_rank() == 0
+
+
 def cleanup() -> None:
     """Leave the process group (safe to call when there is none)."""
     if _active():

@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import timm
+import torch
 import torch.nn as nn
 
 from models.weights import CheckpointMismatchError, LoadResult, extract_state_dict, infer_model_kwargs, \
@@ -115,21 +116,38 @@ def checkpoint_model(spec: EvalSpec, ckpt: Dict[str, Any], label: str) -> Tuple[
     sets them), and for a checkpoint without a config of its own timm's preprocessing. Returns
     (model, config, LoadResult, crop mode)."""
     cfg = eval_config(spec, ckpt, label)
-    try:
-        sd = strip_prefixes(extract_state_dict(ckpt, spec.use_ema))
-    except CheckpointMismatchError as e:
-        raise UserError(f"{label}: {e}") from None
-    classifier, stem = classifier_and_stem(cfg.model.name)
-    head, conv = sd.get(f"{classifier}.weight"), sd.get(f"{stem}.weight")
-    num_classes = cfg.model.num_classes or (int(head.shape[0]) if head is not None and head.dim() == 2 else None)
+    sd = source_state_dict(ckpt, spec.use_ema, label)
+    conv = sd.get(f"{classifier_and_stem(cfg.model.name)[1]}.weight")
+    num_classes = cfg.model.num_classes or head_rows(sd, cfg.model.name)
     in_chans = cfg.model.in_chans or (int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)
     model = build_model(cfg.model, num_classes, in_chans)
     try:
         load = load_weights(model, ckpt, use_ema=spec.use_ema, strict=True)
     except CheckpointMismatchError as e:
         raise UserError(f"{label} does not fit model {cfg.model.name}: {e}") from None
-    crop_mode = "center" if spec.config or stored_config(ckpt) else timm_preprocessing(cfg, model, spec)
-    return model, cfg, load, crop_mode
+    return model, cfg, load, source_crop_mode(spec, cfg, model, ckpt)
+
+
+def source_state_dict(ckpt: Dict[str, Any], use_ema: bool, label: str) -> Dict[str, torch.Tensor]:
+    """The weights a checkpoint holds (``model_ema`` with ``use_ema``), wrapper prefixes stripped;
+    a missing entry is a UserError naming ``label``."""
+    try:
+        return strip_prefixes(extract_state_dict(ckpt, use_ema))
+    except CheckpointMismatchError as e:
+        raise UserError(f"{label}: {e}") from None
+
+
+def head_rows(sd: Dict[str, torch.Tensor], name: str) -> Optional[int]:
+    """The class count of model ``name``'s classifier weight in ``sd``, None if it has none."""
+    head = sd.get(f"{classifier_and_stem(name)[0]}.weight")
+    return int(head.shape[0]) if head is not None and head.dim() == 2 else None
+
+
+def source_crop_mode(spec: EvalSpec, cfg: Config, model: nn.Module, ckpt: Optional[Dict[str, Any]] = None,
+                     stored: Optional[str] = None) -> str:
+    """"center" for a source evaluated with a config (given, or the run's stored one), else timm's
+    preprocessing for the model (which also fills in ``cfg.data``)."""
+    return "center" if spec.config or stored_config(ckpt, stored) else timm_preprocessing(cfg, model, spec)
 
 
 def authors_crop_pct(name: str, timm_crop_pct: float) -> float:
@@ -152,4 +170,4 @@ def timm_preprocessing(cfg: Config, model: nn.Module, spec: EvalSpec) -> str:
 
 
 __all__ = ["EvalSpec", "DEIT_EVAL_CROP_PCT", "stored_config", "eval_config", "classifier_and_stem", "checkpoint_model",
-           "authors_crop_pct", "timm_preprocessing"]
+           "authors_crop_pct", "timm_preprocessing", "source_state_dict", "head_rows", "source_crop_mode"]

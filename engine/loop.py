@@ -146,6 +146,7 @@ class Trainer:
         self.state, self.info, self.opts = state, info, opts
         self.scaler, self.ema, self.mixup_fn = scaler, ema, mixup_fn
         self.params = list(model.parameters())  # the model's order: the norm's float32 sum depends on it
+        self.module = unwrap_model(model)  # without DDP / torch.compile: what the EMA follows
         self.fused = any(group.get("fused") for group in optimizer.param_groups)
         self.lr = lr_schedule(state.step)
 
@@ -216,7 +217,7 @@ class Trainer:
         self._update(good)
         self.optimizer.zero_grad(set_to_none=True)
         if self.ema is not None:
-            self.ema.update(unwrap_model(self.model), good)
+            self.ema.update(self.module, good)
         sums.add(mean_loss, grad_norm, good, fatal, epoch_step)
         self.state.step += 1
 
@@ -281,7 +282,6 @@ def grad_norm_(params: List[torch.Tensor], clip: Optional[float]) -> torch.Tenso
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, info: "dist.DistInfo", amp: str = "none",
-             log_every: int = 0, desc: str = "eval",
              on_batch: Optional[Callable[[], None]] = None, ema_model: Optional[nn.Module] = None) -> Dict[str, Any]:
     """Exact top-1/top-5/loss over the whole dataset: each rank sees a disjoint shard (no
     padding), and sums are all-reduced, so the count equals the dataset size.
@@ -293,8 +293,7 @@ def evaluate(model: nn.Module, loader, info: "dist.DistInfo", amp: str = "none",
         net.eval()
     device = info.device
     sums = torch.zeros(len(nets), 4, device=device, dtype=torch.float64)  # loss, top1, top5, n
-    progress = Progress(len(loader), desc, info.is_main and log_every > 0)
-    for i, (images, target) in enumerate(shielded_batches(loader)):
+    for images, target in shielded_batches(loader):
         images = images.to(device, non_blocking=True)
         target = target.to(device, non_blocking=True)
         for j, net in enumerate(nets):
@@ -303,9 +302,6 @@ def evaluate(model: nn.Module, loader, info: "dist.DistInfo", amp: str = "none",
             if on_batch is not None and j == 0:
                 on_batch()
             sums[j] += _batch_sums(logits, target)
-        progress.count(images.shape[0] * info.world_size)
-        if log_every and ((i + 1) % log_every == 0 or i + 1 == len(loader)):
-            progress.show(i + 1)
     results = [_metrics(s) for s in dist.all_reduce_sum(sums).tolist()]
     if ema_model is not None:
         results[0]["ema"] = results[1]

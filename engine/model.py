@@ -19,6 +19,7 @@ from models.weights import CheckpointMismatchError, LoadResult, one_line_reason
 
 from .checkpoint import download_checkpoint, is_url, load_checkpoint
 from .config import ModelConfig
+from .distributed import is_main_process
 from .errors import UserError
 from .logger import console
 
@@ -167,9 +168,8 @@ def init_from_checkpoint(model: nn.Module, path: str) -> LoadResult:
     except CheckpointMismatchError as e:
         raise UserError(f"{where}: {e}") from None
     changes = result.describe()
-    main = not (torch.distributed.is_available() and torch.distributed.is_initialized()) or \
-        torch.distributed.get_rank() == 0
-    console(f"{where}: loaded ({result.source} format){'; ' + changes if changes else ', every key as it is'}", main)
+    console(f"{where}: loaded ({result.source} format){'; ' + changes if changes else ', every key as it is'}",
+            is_main_process())
     return result
 
 

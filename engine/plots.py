@@ -18,7 +18,7 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
 from models.multimax import SegLU, seglu
-from models.weights import CheckpointMismatchError, detect_source, extract_state_dict, from_paper, strip_prefixes
+from models.weights import CheckpointMismatchError, extract_state_dict, in_our_names
 
 from .checkpoint import load_checkpoint
 from .errors import UserError
@@ -40,9 +40,7 @@ _MODULATOR_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.normalizer\.modulator|out
 def modulators_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, ModulatorParams]:
     """The modulators in a state dict (ours or the paper's code's), keyed ``blocks.{i}`` (attention
     layer i) and ``out`` (the output layer), blocks in order then ``out``. Empty for a softmax model."""
-    state_dict = strip_prefixes(state_dict)
-    if detect_source(state_dict) == "paper":
-        state_dict = from_paper(state_dict)[0]
+    state_dict = in_our_names(state_dict)[0]
     found: Dict[str, Dict[str, torch.Tensor]] = {}
     for key, value in state_dict.items():
         m = _MODULATOR_KEY.match(key)

@@ -252,12 +252,21 @@ def _fit_pos_embed(pos: torch.Tensor, sd: Mapping[str, torch.Tensor], model: nn.
     return pos
 
 
+def in_our_names(sd: Mapping[str, torch.Tensor]) -> tuple[Dict[str, torch.Tensor], str, List[str]]:
+    """A state dict of any source under our key names: prefixes stripped and the paper's
+    modulators renamed (``from_paper``). Returns (state dict, its source, what was left out)."""
+    sd = strip_prefixes(sd)
+    source = detect_source(sd)
+    if source != "paper":
+        return sd, source, []
+    sd, dropped = from_paper(sd)
+    return sd, source, dropped
+
+
 def convert_state_dict(sd: Dict[str, torch.Tensor], model: nn.Module) -> tuple[Dict[str, torch.Tensor], LoadResult]:
     """Map a foreign state dict onto ``model``'s keys. Returns the new dict and what was done."""
-    sd = strip_prefixes(sd)
-    result = LoadResult(source=detect_source(sd))
-    if result.source == "paper":
-        sd, result.dropped = from_paper(sd)
+    sd, source, dropped = in_our_names(sd)
+    result = LoadResult(source=source, dropped=dropped)
     target = model.state_dict()
     out: Dict[str, torch.Tensor] = {}
     for k, v in sd.items():
@@ -381,15 +390,13 @@ def infer_model_kwargs(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     """Architecture kwargs a foreign checkpoint implies (``qkv_bias`` for ViTs, ``num_classes``,
     normalizers, the paper's modulator order and affine map), so that eval can build a model that
     fits it; every key is a ``ModelConfig`` field."""
-    sd = strip_prefixes(extract_state_dict(checkpoint, use_ema))
+    sd, source, _ = in_our_names(extract_state_dict(checkpoint, use_ema))
     kwargs: Dict[str, Any] = {}
     if any(k.endswith("attn.qkv.weight") for k in sd):
         kwargs["qkv_bias"] = any(k.endswith("attn.qkv.bias") for k in sd)
     if "head.weight" in sd:
         kwargs["num_classes"] = int(sd["head.weight"].shape[0])
-    source = detect_source(sd)
     if source == "paper":
-        sd = from_paper(sd)[0]
         kwargs["out_normalizer"] = "multimax" if "out_modulator.ranges" in sd else "softmax"
         kwargs["modulator_order"] = int(next(v for k, v in sd.items() if k.endswith("ranges")).shape[0]) // 2
         kwargs["modulator_affine"] = any(k.endswith("modulator.scale") for k in sd)
@@ -400,5 +407,5 @@ def infer_model_kwargs(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
 
 __all__ = ["one_line_reason", "CheckpointReadError", "CheckpointMismatchError", "LoadResult", "SAFE_GLOBALS",
            "read_checkpoint", "load_weights", "extract_state_dict", "strip_prefixes", "detect_source", "from_paper",
-           "convert_state_dict",
+           "convert_state_dict", "in_our_names",
            "class_token_architecture", "infer_model_kwargs"]

@@ -41,7 +41,7 @@ from matplotlib.patches import Rectangle  # noqa: E402
 from PIL import Image, UnidentifiedImageError  # noqa: E402
 
 import models  # noqa: E402
-from data.datasets import base_dataset, create_dataset, normalization, take_subset  # noqa: E402
+from data.datasets import create_dataset, normalization, take_subset  # noqa: E402
 from data.transforms import eval_transform  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config  # noqa: E402
@@ -105,13 +105,13 @@ def read_image(path: str) -> Image.Image:
 def dataset_image(cfg: Config, index: int) -> Tuple[Image.Image, str]:
     """Image ``index`` of the configured val split (after ``data.max_val_samples``), untransformed,
     and a caption naming it and its class."""
-    ds, _ = create_dataset(cfg.data, cfg.data.val_split, training=False)
+    ds, info = create_dataset(cfg.data, cfg.data.val_split, training=False)
     ds = take_subset(ds, cfg.data.max_val_samples)
     if not 0 <= index < len(ds):
         raise UserError(f"--dataset-index {index} is outside {cfg.data.dataset} {cfg.data.val_split} "
                         f"(0..{len(ds) - 1})")
     img, target = ds[index]
-    classes = getattr(base_dataset(ds), "classes", None)
+    classes = info.classes
     name = f" ({classes[target]})" if classes and 0 <= target < len(classes) else ""
     return img, f"{cfg.data.dataset} {cfg.data.val_split} image {index}, class {target}{name}"
 

@@ -36,7 +36,8 @@ from data.datasets import normalization  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config, dump_config  # noqa: E402
 from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError  # noqa: E402
-from engine.evaluation import EvalSpec, checkpoint_model  # noqa: E402
+from engine.evaluation import EvalSpec, checkpoint_model, stored_config  # noqa: E402
+from models.weights import one_line_reason  # noqa: E402
 
 
 def eval_line(result: Optional[Dict[str, Any]], ckpt: Dict[str, Any]) -> str:
@@ -77,7 +78,7 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, model_name: Opt
     model, cfg, _, crop_mode = checkpoint_model(spec, ckpt, checkpoint)
     result = _read_json(eval_result) if eval_result else None
     # the run's own config (as trained); a foreign checkpoint's as eval.py resolves it
-    config_text = ckpt["config"] if isinstance(ckpt.get("config"), str) and ckpt["config"].strip() else dump_config(cfg)
+    config_text = stored_config(ckpt) or dump_config(cfg)
     mean, std = normalization(cfg.data, model.in_chans)
     data_config = {"input_size": (model.in_chans, cfg.model.img_size, cfg.model.img_size),
                    "crop_pct": cfg.data.crop_pct, "crop_mode": crop_mode, "interpolation": cfg.data.interpolation,
@@ -103,8 +104,7 @@ def export(checkpoint: str, out_dir: str, use_ema: bool = False, model_name: Opt
             timm.models.push_to_hf_hub(model, push_to_hub, model_config=dict(model_config), model_card=card,
                                        safe_serialization=True, data_config=data_config)
         except Exception as e:  # network, authentication, repository errors of huggingface_hub
-            reason = str(e).strip().splitlines()[0] if str(e).strip() else type(e).__name__
-            raise UserError(f"--push-to-hub {push_to_hub}: upload failed ({type(e).__name__}: {reason}); "
+            raise UserError(f"--push-to-hub {push_to_hub}: upload failed ({one_line_reason(e)}); "
                             f"the folder {out_dir} is written") from None
     return out_dir
 
