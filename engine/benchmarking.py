@@ -18,8 +18,8 @@ code only.
 from __future__ import annotations
 
 import argparse
-import contextlib
 import datetime
+import functools
 import gc
 import json
 import math
@@ -37,9 +37,10 @@ from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
 from .cpu_alloc import ALLOCATOR_MODES, apply_allocator_mode
-from .errors import UserError
+from .errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from .loop import AMP_DTYPES, autocast as _amp_autocast
 
-DTYPES = {"fp32": None, "bf16": torch.bfloat16, "fp16": torch.float16}
+DTYPES = {"fp32": None, **AMP_DTYPES}  # the --dtype choices: engine.loop's AMP dtypes, "none" named fp32
 MB = 2.0 ** 20
 CLOCKS = {"wall": time.perf_counter, "cpu": time.process_time}
 
@@ -53,9 +54,18 @@ def sync(device: torch.device) -> None:
 
 def autocast(device: torch.device, dtype: str):
     """Autocast to ``dtype`` (a key of DTYPES; fp32 = none) on ``device``."""
-    if DTYPES[dtype] is None:
-        return contextlib.nullcontext()
-    return torch.autocast(device.type, dtype=DTYPES[dtype])
+    return _amp_autocast(device, "none" if DTYPES[dtype] is None else dtype)
+
+
+@functools.lru_cache(maxsize=None)
+def meta_model(name: str) -> torch.nn.Module:
+    """The timm model ``name`` built on the meta device (no memory: cached), to read its shape
+    and defaults from; a UserError if timm cannot build it."""
+    try:
+        with torch.device("meta"):
+            return timm.create_model(name)
+    except RuntimeError as e:
+        raise UserError(f"unknown model {name!r}: {e}") from None
 
 
 def minor_faults() -> int:
@@ -205,8 +215,8 @@ def run_cli(prog: str, body: Callable[[], None]) -> int:
         body()
     except UserError as e:
         print(f"{prog}: error: {e}", file=sys.stderr)
-        return 2
-    return 0
+        return EXIT_USER_ERROR
+    return EXIT_OK
 
 
 def parse_device(name: str) -> torch.device:
@@ -259,15 +269,15 @@ def markdown_table(head: str, rows: Sequence[str]) -> str:
 
 
 def write_report(args: argparse.Namespace, info: Dict[str, object], results: Dict[str, List[Any]],
-                 tables: Sequence[str]) -> None:
-    """Print the tables under a line of machine facts, and write them (``--out-md``) and the
-    settings, machine facts and ``results`` (objects with a ``to_json()``; ``--out-json``)."""
-    settings = {k: v for k, v in vars(args).items() if k != "rss_probe"}
+                 tables: Sequence[str], note: str = "", exclude: Sequence[str] = ()) -> None:
+    """Print the tables under a line of machine facts (``note`` appended to it), and write them
+    (``--out-md``) and the settings (without the keys in ``exclude``), machine facts and
+    ``results`` (objects with a ``to_json()``; ``--out-json``)."""
+    settings = {k: v for k, v in vars(args).items() if k not in exclude}
     payload = {"machine": info, "settings": settings, **results}
     md = [f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
           f"device {info['device']}{', ' + str(info['gpu']) if 'gpu' in info else ''}, torch {info['torch']}, "
-          f"{info['date']}; clock: {args.clock} time; malloc: {info['malloc']}"
-          f"{'; CPU inference blocks: ' + str(info['cpu_infer_blocks']) if 'cpu_infer_blocks' in info else ''}.", "",
+          f"{info['date']}; clock: {args.clock} time; malloc: {info['malloc']}{note}.", "",
           f"Command: `{info['command']}`", ""]
     for table in tables:
         md += [table, ""]

@@ -49,8 +49,8 @@ import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from engine.benchmarking import (  # noqa: E402
-    ExtraMemory, add_common_args, autocast, fmt, markdown_table, median_ci, parse_cli_args, run_cli, setup, sync,
-    time_rounds, write_report,
+    ExtraMemory, add_common_args, autocast, fmt, markdown_table, median_ci, meta_model, parse_cli_args, run_cli, setup,
+    sync, time_rounds, write_report,
 )
 from engine.config import OptimConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
@@ -185,7 +185,6 @@ def set_baselines(results: List[Result]) -> None:
 def run_group(
     name: str, variants: Sequence[Variant], device: torch.device, warmup: int, repeats: int, steps: int,
     compile_mode: Optional[str] = None, memory: bool = True, clock: str = "wall",
-    log: Callable[[str], None] = print,
 ) -> List[Result]:
     """Build and warm up every variant, then time them round-robin; then peak memory, one
     step per variant (skipped for compiled CPU variants, which the CPU counter cannot see)."""
@@ -197,9 +196,9 @@ def run_group(
         for _ in range(warmup):
             step()
         sync(device)
-        log(f"[{name}] built+warmed {_label(result)} in {time.perf_counter() - t0:.1f}s")
+        print(f"[{name}] built+warmed {_label(result)} in {time.perf_counter() - t0:.1f}s")
         built.append((step, result))
-    time_rounds(built, device, repeats, steps, clock, on_round=lambda r: log(
+    time_rounds(built, device, repeats, steps, clock, on_round=lambda r: print(
         f"[{name}] repeat {r + 1}/{repeats}: " + ", ".join(f"{res.times[-1] * 1e3:.0f}" for _, res in built) + " ms"))
     if memory:
         for step, result in built:
@@ -241,15 +240,6 @@ def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], mod
     return groups
 
 
-def _default_attn_normalizer(model: str) -> str:
-    """The attention normalizer a model name builds with (built on the meta device: no memory)."""
-    try:
-        with torch.device("meta"):
-            return timm.create_model(model).attn_normalizer
-    except RuntimeError as e:
-        raise UserError(f"unknown model {model!r}: {e}") from None
-
-
 def cli_variants(args: argparse.Namespace, batch: int, device: torch.device) -> List[Variant]:
     """The cartesian product of the CLI lists, without the combinations that cannot run:
     sdpa with non-softmax attention, flex training on a device without flex backward."""
@@ -258,7 +248,7 @@ def cli_variants(args: argparse.Namespace, batch: int, device: torch.device) -> 
         args.model or ["vit_micro_multimax_patch7_28"], args.attn_normalizer, args.out_normalizer,
         args.backend, args.compile or ["off"], args.dtype, args.mode, args.img_size or [None],
     ):
-        if backend == "sdpa" and (attn or _default_attn_normalizer(model)) != "softmax":
+        if backend == "sdpa" and (attn or meta_model(model).attn_normalizer) != "softmax":
             print(f"skipping {model} attn={attn}: backend sdpa computes softmax only")
             continue
         if backend == "flex" and mode == "train" and device.type != "cuda":
@@ -319,7 +309,8 @@ def run(args: argparse.Namespace) -> None:
         results = run_groups(args, device)
     finally:
         attention_kernels.CPU_BLOCK_ELEMENTS = block_elements
-    write_report(args, info, {"throughput": results}, [throughput_table(results)])
+    write_report(args, info, {"throughput": results}, [throughput_table(results)],
+                 note=f"; CPU inference blocks: {args.cpu_infer_blocks}")
 
 
 def run_groups(args: argparse.Namespace, device: torch.device) -> List[Result]:

@@ -35,15 +35,13 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-import timm  # noqa: E402
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
 from engine.benchmarking import (  # noqa: E402
-    ExtraMemory, add_common_args, autocast, fmt, markdown_table, parse_cli_args, run_cli, setup, time_rounds,
-    write_report,
+    ExtraMemory, add_common_args, autocast, fmt, markdown_table, meta_model, parse_cli_args, run_cli, setup,
+    time_rounds, write_report,
 )
-from engine.errors import UserError  # noqa: E402
 from models.attention import MultiMaxAttention  # noqa: E402
 
 
@@ -82,8 +80,7 @@ class MemoryResult:
 def build_layer(spec: LayerSpec, device: torch.device) -> Tuple[Callable[..., None], str]:
     """A closure running forward + backward of a fresh attention layer (gradients for the input
     and the layer's parameters; ``after_forward`` is called between them), and its kernel."""
-    with torch.device("meta"):
-        model = timm.create_model(spec.model)
+    model = meta_model(spec.model)
     attn = MultiMaxAttention(model.embed_dim, model.blocks[0].attn.num_heads, normalizer=spec.normalizer,
                              backend=spec.backend).to(device)
     net = torch.compile(attn) if spec.compile else attn
@@ -102,17 +99,11 @@ def build_layer(spec: LayerSpec, device: torch.device) -> Tuple[Callable[..., No
 
 
 def tokens_at(model_name: str, img_size: int) -> int:
-    try:
-        with torch.device("meta"):
-            patch = timm.create_model(model_name).patch_embed.patch_size[0]
-    except RuntimeError as e:
-        raise UserError(f"unknown model {model_name!r}: {e}") from None
-    return (img_size // patch) ** 2
+    return (img_size // meta_model(model_name).patch_embed.patch_size[0]) ** 2
 
 
 def measure_attention_memory(
     specs: Sequence[LayerSpec], device: torch.device, warmup: int, repeats: int, rss: bool, clock: str = "wall",
-    log: Callable[[str], None] = print,
 ) -> List[MemoryResult]:
     """Memory (see ``MemoryResult``) and fwd+bwd time of each layer in ``specs``; the layers
     with the same token count are timed round-robin."""
@@ -133,8 +124,8 @@ def measure_attention_memory(
                 res.rss_peak_mb = rss_probe(spec)
             res.peak_mb = res.rss_peak_mb if res.rss_peak_mb is not None else res.tensor_peak_mb
             layers.append((step, res))
-            log(f"[memory] {_label(res)}: peak {fmt(res.peak_mb, '.1f')} MB "
-                f"(tensors {fmt(res.tensor_peak_mb, '.1f')}, RSS {fmt(res.rss_peak_mb, '.1f')})")
+            print(f"[memory] {_label(res)}: peak {fmt(res.peak_mb, '.1f')} MB "
+                  f"(tensors {fmt(res.tensor_peak_mb, '.1f')}, RSS {fmt(res.rss_peak_mb, '.1f')})")
         time_rounds(layers, device, repeats, 1, clock)
         for _, res in layers:
             ref = next((r for _, r in layers if r.spec.normalizer == "multimax" and r.kernel == "explicit"
@@ -229,7 +220,7 @@ def run(args: argparse.Namespace) -> None:
     specs = [LayerSpec(args.model, norm, backend, comp == "on", batch, tokens_at(args.model, img), dtype)
              for img in args.img_size for comp in args.compile for dtype in args.dtype for norm, backend in kernels]
     results = measure_attention_memory(specs, device, args.warmup, args.repeats, rss=not args.no_rss, clock=args.clock)
-    write_report(args, info, {"attention_memory": results}, [memory_table(results)])
+    write_report(args, info, {"attention_memory": results}, [memory_table(results)], exclude=("rss_probe",))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
