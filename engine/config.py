@@ -284,11 +284,11 @@ class _UniqueKeyLoader(yaml.SafeLoader):
         return super().construct_mapping(node, deep)
 
 
-def _parse_yaml(text: str, source: str) -> Dict[str, Any]:
-    """The top-level mapping of a YAML document; a ``resolved`` section (derived values in a
-    run directory's config.yaml) is dropped so such a file can be read back."""
+def parse_yaml(text: str, source: str) -> Any:
+    """The YAML document ``text`` (safe types only); malformed YAML or a key given twice in one
+    mapping is a one-line UserError naming ``source`` and the line."""
     try:
-        data = yaml.load(text, Loader=_UniqueKeyLoader)
+        return yaml.load(text, Loader=_UniqueKeyLoader)
     except _DuplicateKey as e:
         raise UserError(f"{source}, line {e.line}: duplicate key '{e.key}' (first at line {e.first_line}); "
                         "remove one of them") from None
@@ -297,6 +297,12 @@ def _parse_yaml(text: str, source: str) -> Dict[str, Any]:
         where = f"{source}, line {mark.line + 1}" if mark is not None else source
         problem = getattr(e, "problem", None) or str(e).splitlines()[0]
         raise UserError(f"{where}: malformed YAML: {problem}") from None
+
+
+def _parse_yaml(text: str, source: str) -> Dict[str, Any]:
+    """The top-level mapping of a YAML config; a ``resolved`` section (derived values in a
+    run directory's config.yaml) is dropped so such a file can be read back."""
+    data = parse_yaml(text, source)
     if data is None:
         return {}
     if not isinstance(data, dict):

@@ -11,9 +11,14 @@ import math
 import os
 import sys
 import time
-from typing import Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, Optional
 
-import torch.nn as nn
+if TYPE_CHECKING:  # a type hint only: importing this module (read_jsonl) needs no torch
+    import torch.nn as nn
+
+# Files of the sweep tools: scripts/sweep.py writes them, scripts/report.py reads them.
+MANIFEST = "sweep.json"     # in the sweep's output_dir: the sweep file's runs
+EVAL_JSON = "eval.json"     # in each run directory: eval.py's result for last.pth
 
 
 def console(msg: str, is_main: bool = True) -> None:
@@ -140,6 +145,12 @@ def read_jsonl(path: str) -> list:
             except json.JSONDecodeError:
                 continue
     return rows
+
+
+def eval_is_current(run_dir: str) -> bool:
+    """Whether ``run_dir`` holds an ``eval.json`` no older than its ``last.pth`` (or without one)."""
+    result, last = os.path.join(run_dir, EVAL_JSON), os.path.join(run_dir, "last.pth")
+    return os.path.isfile(result) and (not os.path.exists(last) or os.path.getmtime(result) >= os.path.getmtime(last))
 
 
 def truncate_jsonl(path: str, last_epoch: int) -> None:

@@ -38,10 +38,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError  # noqa: E402
-from engine.logger import read_jsonl  # noqa: E402
+from engine.logger import EVAL_JSON, MANIFEST, eval_is_current, read_jsonl  # noqa: E402
 
-MANIFEST = "sweep.json"   # written by scripts/sweep.py
-EVAL_JSON = "eval.json"
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 # (column, log.jsonl key, best is the max?) of the accuracy metrics
 METRICS = (("top1", "val_top1", True), ("top5", "val_top5", True), ("loss", "val_loss", False))
@@ -165,9 +163,9 @@ def read_run(variant: str, seed: Optional[int], run_dir: str) -> RunResult:
 
 def _read_attention(result: RunResult) -> None:
     """S and M (overall and per layer) from the run's eval.json, if it is there and newer than last.pth."""
-    path, last = os.path.join(result.run_dir, EVAL_JSON), os.path.join(result.run_dir, "last.pth")
-    if not os.path.isfile(path) or (os.path.exists(last) and os.path.getmtime(path) < os.path.getmtime(last)):
+    if not eval_is_current(result.run_dir):
         return
+    path = os.path.join(result.run_dir, EVAL_JSON)
     try:
         with open(path) as f:
             stats = json.load(f).get("attn_stats") or {}
@@ -306,8 +304,9 @@ def write_csvs(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], ou
     return [per_variant, per_run]
 
 
-def figures(variants: Sequence[str], results: Sequence[RunResult], out_dir: str) -> List[str]:
-    """val_top1.png (mean and min–max per variant) and attention_sm.png (S against M per layer)."""
+def figures(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_dir: str) -> List[str]:
+    """val_top1.png (mean and min–max per variant) and attention_sm.png (S against M per layer,
+    the per-layer means and stds of ``table``, summarise's rows)."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -318,7 +317,7 @@ def figures(variants: Sequence[str], results: Sequence[RunResult], out_dir: str)
     fig = Figure(figsize=(7.5, 4.8))
     FigureCanvasAgg(fig)
     ax = fig.subplots()
-    for i, variant in enumerate(variants):
+    for i, variant in enumerate(row["variant"] for row in table):
         curves = [[(r["epoch"] + 1, r["val_top1"]) for r in run.rows if _finite(r.get("val_top1")) is not None]
                   for run in results if run.variant == variant and run.finished]
         if not curves:
@@ -339,16 +338,12 @@ def figures(variants: Sequence[str], results: Sequence[RunResult], out_dir: str)
         fig = Figure(figsize=(6.4, 5.2))
         FigureCanvasAgg(fig)
         ax = fig.subplots()
-        for i, variant in enumerate(variants):
-            done = [r for r in results if r.variant == variant and r.finished]
-            points = []
+        for i, row in enumerate(table):
+            variant, points = row["variant"], []
             for layer in layers:
-                s = [r.layers[layer][0] for r in done if layer in r.layers and r.layers[layer][0] is not None]
-                m = [r.layers[layer][1] for r in done if layer in r.layers and r.layers[layer][1] is not None]
-                if s and m:
-                    points.append((layer, statistics.fmean(m), statistics.fmean(s),
-                                   statistics.stdev(m) if len(m) > 1 else 0.0,
-                                   statistics.stdev(s) if len(s) > 1 else 0.0))
+                (s, s_std), (m, m_std) = row[f"sparsity[{layer}]"], row[f"multimodality[{layer}]"]
+                if s is not None and m is not None:
+                    points.append((layer, m, s, m_std or 0.0, s_std or 0.0))
             if not points:
                 continue
             color = colors[i % len(colors)]
@@ -391,7 +386,7 @@ def report(paths: Sequence[str], out_dir: str) -> List[str]:
         md = os.path.join(out_dir, "report.md")
         text = markdown(table, results, paths)
         written = write_csvs(table, results, out_dir)
-        written += figures(variants, results, out_dir)
+        written += figures(table, results, out_dir)
         names = [os.path.basename(p) for p in written if p.endswith(".png")]
         text += "".join(f"\n![{os.path.splitext(n)[0]}]({n})\n" for n in names)
         with open(md, "w") as f:

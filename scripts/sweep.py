@@ -59,19 +59,16 @@ import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
-import yaml
-
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, REPO)
 
-from engine.config import CLI, load_config  # noqa: E402
+from engine.config import CLI, load_config, parse_yaml  # noqa: E402
 from engine.errors import EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError  # noqa: E402
+from engine.logger import EVAL_JSON, MANIFEST, eval_is_current, read_jsonl  # noqa: E402
 
 EXIT_FAILED = 1
 TRAIN = os.path.join(REPO, "train.py")
 EVAL = os.path.join(REPO, "eval.py")
-MANIFEST = "sweep.json"     # in the sweep's output_dir: the sweep file's runs, read by report.py
-EVAL_JSON = "eval.json"     # in each run directory: eval.py's result for last.pth
 SWEEP_KEYS = ("base", "output_dir", "seeds", "overrides", "variants", "eval", "gpus_per_run")
 VARIANT_KEYS = ("config", "overrides")
 SET_BY_SWEEP = ("train.seed", "train.output_dir")
@@ -189,15 +186,12 @@ def load_sweep(path: str, cli_overrides: Sequence[str] = (), gpus_per_run: Optio
     loaded and checked here; a mistake is a UserError naming the sweep file and key."""
     try:
         with open(path) as f:
-            data = yaml.safe_load(f)
+            text = f.read()
     except FileNotFoundError:
         raise UserError(f"sweep file not found: {path}") from None
-    except OSError as e:
-        raise UserError(f"cannot read sweep file {path}: {e.strerror}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        where = f"{path}, line {mark.line + 1}" if mark is not None else path
-        raise UserError(f"{where}: malformed YAML: {getattr(e, 'problem', None) or e}") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise UserError(f"cannot read sweep file {path}: {getattr(e, 'strerror', None) or e}") from None
+    data = parse_yaml(text, path)  # malformed YAML and duplicate keys are refused as in configs
     if not isinstance(data, dict):
         raise UserError(f"{path}: a sweep file is a mapping with keys {', '.join(SWEEP_KEYS)}")
     for key in data:
@@ -241,11 +235,12 @@ def load_sweep(path: str, cli_overrides: Sequence[str] = (), gpus_per_run: Optio
     for name, spec in variants.items():
         name, key = str(name), f"variants.{name}"
         config, overrides = _variant(path, key, spec, base)
-        _checked_config(path, "overrides", config, common)
-        _checked_config(path, key, config, [*common, *overrides])
         try:
             cfg = load_config(config, [*common, *overrides, *cli_overrides])
         except UserError as e:
+            # name the culprit: the sweep's overrides, the variant's, or else the command line's
+            _checked_config(path, "overrides", config, common)
+            _checked_config(path, key, config, [*common, *overrides])
             raise UserError(f"{CLI} (variant {name}): {_without_source(str(e))}") from None
         if cfg.train.resume != "auto":
             raise _key_error(path, key, f"train.resume = {cfg.train.resume!r}: a sweep resumes runs, keep it auto")
@@ -283,15 +278,9 @@ def write_manifest(sweep: Sweep) -> None:
 def _last_logged_epoch(run_dir: str) -> Optional[int]:
     """The epoch of the last complete line of log.jsonl (a line cut by a crash does not count)."""
     last = None
-    try:
-        with open(os.path.join(run_dir, "log.jsonl")) as f:
-            for line in f:
-                try:
-                    last = json.loads(line).get("epoch", last)
-                except (json.JSONDecodeError, AttributeError):
-                    continue
-    except FileNotFoundError:
-        return None
+    for record in read_jsonl(os.path.join(run_dir, "log.jsonl")):
+        if isinstance(record, dict):
+            last = record.get("epoch", last)
     return last
 
 
@@ -304,10 +293,7 @@ def run_state(run: Run) -> str:
         return "new"
     if epoch != run.epochs - 1 or not os.path.exists(last):
         return "partial"
-    result = os.path.join(run.run_dir, EVAL_JSON)
-    if os.path.exists(result) and os.path.getmtime(result) >= os.path.getmtime(last):
-        return "done"
-    return "trained"
+    return "done" if eval_is_current(run.run_dir) else "trained"
 
 
 # ---------------------------------------------------------------- running one run
@@ -587,6 +573,13 @@ def slurm_executor(sweep: Sweep, args: argparse.Namespace, nproc: int):
 def run_slurm(sweep: Sweep, runs: Sequence[Run], args: argparse.Namespace, say: Console) -> Dict[str, Outcome]:
     """Submit ``runs`` as one job array; with ``--wait`` (always for submitit's local/debug
     executors) wait for it and collect the outcomes, else report them as submitted."""
+    import cloudpickle  # submitit's pickler
+    import engine.logger
+
+    # submitit pickles RunJob and this script's functions by value, but engine's by reference, and a
+    # job process need not find engine/ (its cwd is where the sweep was started): run_state's helpers
+    # from engine.logger go by value too
+    cloudpickle.register_pickle_by_value(engine.logger)
     executor = slurm_executor(sweep, args, runs[0].nproc)
     jobs = executor.map_array(RunJob(slurm=True), list(runs))
     for run, job in zip(runs, jobs):

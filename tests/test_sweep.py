@@ -208,6 +208,15 @@ def test_bad_sweep_file_is_one_line_naming_file_and_key(tmp_path, capsys, spec, 
     assert err.startswith(f"sweep.py: error: {path}") and message in err and err.count("\n") == 1, err
 
 
+def test_duplicate_variant_name_is_refused(tmp_path, capsys):
+    path = tmp_path / "dup.yaml"
+    path.write_text(f"base: {QUICKSTART}\noutput_dir: o\nseeds: [0]\nvariants:\n"
+                    "  a: [optim.lr=1e-3]\n  b: []\n  a: [optim.lr=2e-3]\n")
+    assert sweep.main([str(path), "--dry-run"]) == 2
+    err = capsys.readouterr().err
+    assert err == f"sweep.py: error: {path}, line 7: duplicate key 'a' (first at line 5); remove one of them\n"
+
+
 def test_shipped_sweep_files_expand_with_explicit_normalizers():
     fmnist = sweep.load_sweep(os.path.join(ROOT, "configs", "sweeps", "fashion_mnist_normalizers.yaml"))
     assert set(fmnist.variants) == {"softmax", "multimax", "sparsemax", "entmax15", "evsoftmax",
