@@ -17,6 +17,7 @@ from conftest import write_image_folder
 from data import build_eval_loader, datasets
 from data.datasets import FashionMNIST
 from engine.config import config_from_yaml_text, dump_config, load_config
+from engine.errors import UserError
 from engine.logger import read_jsonl
 from engine.model import build_model
 from helpers import ROOT, run_train, tiny_overrides
@@ -345,6 +346,9 @@ def test_non_finite_weights_are_evaluated_with_a_warning_and_exit_3(trained_run,
 def test_an_image_size_off_the_patch_grid_is_refused(trained_run, capsys):
     err = one_line_error(capsys, "--checkpoint", os.path.join(trained_run, "last.pth"), "--img-size", "30")
     assert "model.img_size 30 is not a multiple of the patch size 7" in err and "use 28 or 35" in err
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), ["model.img_size=30"])
+    with pytest.raises(UserError, match="model.img_size 30 is not a multiple"):  # training builds it the same way
+        build_model(cfg.model, 10, 1)
 
 
 def test_imports_point_one_way():
