@@ -29,6 +29,7 @@ from __future__ import annotations
 import argparse
 import csv
 import json
+import math
 import os
 import resource
 import sys
@@ -46,7 +47,7 @@ from engine import distributed as dist
 from engine.checkpoint import download_checkpoint, is_url, load_checkpoint
 from engine.config import Config, config_to_dict
 from engine.cpu_alloc import apply_allocator_mode
-from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from engine.errors import EXIT_NONFINITE, EXIT_OK, EXIT_USER_ERROR, UserError
 from engine.evaluation import EvalSpec, checkpoint_model, eval_config, head_rows, source_crop_mode, source_state_dict
 from engine.loop import evaluate
 from engine.model import build_pretrained
@@ -158,6 +159,9 @@ def _exported_config(folder: str) -> Optional[Dict[str, Any]]:
         raise UserError(f"{path}: not a readable JSON file ({e})") from None
     if not isinstance(cfg, dict) or "architecture" not in cfg:
         raise UserError(f"{path}: no 'architecture' entry, not a timm model folder")
+    arch = cfg["architecture"]
+    if not (isinstance(arch, str) and timm.is_model(timm.models.get_arch_name(arch))):
+        raise UserError(f"{path}: architecture {arch!r} is not a model timm knows (timm.list_models() lists them)")
     return cfg
 
 
@@ -341,7 +345,8 @@ def evaluate_source(src: Source, args: argparse.Namespace,
                        "peak_memory_kind": "cuda_allocated" if info.device.type == "cuda" else "process_max_rss",
                        "device": str(info.device), "world_size": info.world_size,
                        "batch_size": loader.batch_size, "amp": cfg.train.amp},
-        "weights": weights,
+        "weights": {**weights, "nonfinite": [n for n, t in model.state_dict().items()
+                                             if t.is_floating_point() and not bool(torch.isfinite(t).all())]},
         "model_config": config_to_dict(cfg)["model"],
     }
     if stats is not None:
@@ -397,7 +402,7 @@ def write_outputs(result: Dict[str, Any], args: argparse.Namespace, src: Source)
     else:
         out = os.path.join(args.output or src.home, result_name(src, result))
     table = args.csv or os.path.join(os.path.dirname(os.path.abspath(out)), "eval_results.csv")
-    tmp = out + ".tmp"
+    tmp = f"{out}.tmp-{os.getpid()}"  # two evaluations writing one result never share a temp file
     try:
         os.makedirs(os.path.dirname(os.path.abspath(out)), exist_ok=True)
         with open(tmp, "w") as f:
@@ -426,9 +431,20 @@ def write_outputs(result: Dict[str, Any], args: argparse.Namespace, src: Source)
 
 # ---------------------------------------------------------------- main
 
+def nonfinite_warning(src: Source, result: Dict[str, Any]) -> Optional[str]:
+    """What a user must know of a result whose loss is not finite (its top-1/top-5 mean nothing), else None."""
+    if math.isfinite(result["loss"]):
+        return None
+    names = result["weights"]["nonfinite"]
+    cause = (f"{len(names)} weight tensor(s) hold NaN/Inf ({', '.join(names[:3])}{' ...' if len(names) > 3 else ''})"
+             if names else "its weights are finite, the forward pass overflowed (--amp fp16?)")
+    return (f"eval.py: warning: {src.label}: the loss is {result['loss']}: the model's outputs are not finite, "
+            f"so its top-1/top-5 mean nothing; {cause} (exit status 3)")
+
+
 def main(argv=None) -> int:
     args = parse_args(argv)
-    info, failed = None, 0
+    info, failed, nonfinite = None, 0, 0
     try:
         todo = sources(args)
         if args.output and not output_dir_mode(args) and len(todo) > 1:
@@ -441,15 +457,19 @@ def main(argv=None) -> int:
                 failed += 1
                 print(f"eval.py: error: {e}", file=sys.stderr, flush=True)
                 continue
+            warning = nonfinite_warning(src, result)
+            nonfinite += warning is not None
             if info.is_main:
                 out = write_outputs(result, args, src)
                 print(f"{src.label}: top1 {result['top1']:.3f} top5 {result['top5']:.3f} loss {result['loss']:.4f} "
                       f"images {result['num_images']} ({result['throughput']['img_per_s']:.0f} img/s) -> {out}",
                       flush=True)
+                if warning:
+                    print(warning, file=sys.stderr, flush=True)
         if failed and len(todo) > 1:
             print(f"eval.py: error: {failed} of {len(todo)} checkpoints could not be evaluated (see above)",
                   file=sys.stderr)
-        return EXIT_USER_ERROR if failed else EXIT_OK
+        return EXIT_USER_ERROR if failed else EXIT_NONFINITE if nonfinite else EXIT_OK
     except UserError as e:
         print(f"eval.py: error: {e}", file=sys.stderr)
         return EXIT_USER_ERROR

@@ -40,6 +40,8 @@ system allows it (no extra I/O or space), else byte copies.
 from __future__ import annotations
 
 import collections
+import contextlib
+import hashlib
 import json
 import math
 import os
@@ -264,31 +266,82 @@ def is_url(path: str) -> bool:
 
 
 def download_checkpoint(url: str) -> str:
-    """The local copy of ``url`` in torch.hub's cache (``$TORCH_HOME/hub/checkpoints``), downloaded
-    once; a file name with a hash part (``name-<sha256 prefix>.pth``, as DeiT's releases) is
-    checked. Under DDP the main rank downloads while the others wait, then reuse its copy."""
-    from urllib.parse import urlparse
+    """The local file a checkpoint URL names. A ``file://`` URL is read in place; an http(s) one is
+    downloaded once into torch.hub's cache, in a folder of its own named by a hash of the whole URL
+    (``$TORCH_HOME/hub/checkpoints/<URL hash>/<file name>``): two URLs with one file name never
+    share a copy. A file name with a hash part (``name-<sha256 prefix>.pth``, as DeiT's releases)
+    is checked; a download that fails, fails that check or does not load as a checkpoint leaves
+    nothing in the cache. Under DDP the main rank downloads while the others wait, then reuse its
+    copy."""
+    from urllib.parse import unquote, urlparse
 
     from .distributed import barrier, is_main_process
 
-    name = os.path.basename(urlparse(url).path)
+    parsed = urlparse(url)
+    name = os.path.basename(unquote(parsed.path))
     if not name:
         raise UserError(f"{url}: the URL names no file")
-    path = os.path.join(torch.hub.get_dir(), "checkpoints", name)
+    match = torch.hub.HASH_REGEX.search(name)
+    hash_prefix = match.group(1) if match else None
+    if parsed.scheme == "file":
+        return _file_url_path(url, hash_prefix)
+    url_hash = hashlib.sha256(url.encode()).hexdigest()[:16]
+    path = os.path.join(torch.hub.get_dir(), "checkpoints", url_hash, name)
     main = is_main_process()
     if not main:
         barrier()
     try:
-        if not os.path.isfile(path):
-            os.makedirs(os.path.dirname(path), exist_ok=True)
-            match = torch.hub.HASH_REGEX.search(name)
-            torch.hub.download_url_to_file(url, path, match.group(1) if match else None, progress=False)
-    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
-        raise UserError(f"cannot download {url}: {one_line_reason(e)}") from None
+        if main and not os.path.isfile(path):
+            _download(url, path, hash_prefix)
     finally:
         if main:
             barrier()
+    if not os.path.isfile(path):  # another rank's download failed and said why
+        raise UserError(f"cannot download {url}: the main process could not")
     return path
+
+
+def _file_url_path(url: str, hash_prefix: Optional[str]) -> str:
+    """The path a ``file://`` URL names, checked against the hash part of its name."""
+    from urllib.parse import urlparse
+    from urllib.request import url2pathname
+
+    parsed = urlparse(url)
+    if parsed.netloc not in ("", "localhost"):
+        raise UserError(f"{url}: a file URL names an absolute path on this machine, e.g. file:///runs/x/last.pth")
+    path = url2pathname(parsed.path)
+    if not os.path.isfile(path):
+        raise UserError(f"{url}: no such file {path}")
+    if hash_prefix:
+        try:
+            with open(path, "rb") as f:
+                digest = hashlib.file_digest(f, "sha256").hexdigest()
+        except OSError as e:
+            raise UserError(f"cannot read {path}: {e.strerror or e}") from None
+        if not digest.startswith(hash_prefix):
+            raise UserError(f"{url}: the file's SHA-256 ({digest[:16]}...) does not start with {hash_prefix}, the hash "
+                            "in its name: it is not the file the name promises")
+    return path
+
+
+def _download(url: str, path: str, hash_prefix: Optional[str]) -> None:
+    """``url`` into ``path`` through a temp file beside it, kept only when it passes the hash check
+    and loads as a checkpoint."""
+    folder = os.path.dirname(path)
+    tmp = os.path.join(folder, f".{os.getpid()}.{os.path.basename(path)}")  # the suffix decides how it is read
+    try:
+        os.makedirs(folder, exist_ok=True)
+        torch.hub.download_url_to_file(url, tmp, hash_prefix, progress=False)
+        read_checkpoint(tmp, mmap=True)
+        os.replace(tmp, path)
+    except CheckpointReadError as e:
+        raise UserError(f"{str(e).replace(tmp, url)}; nothing was kept in the cache") from None
+    except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
+        raise UserError(f"cannot download {url}: {one_line_reason(e)}") from None
+    finally:
+        _remove_quietly(tmp)
+        with contextlib.suppress(OSError):  # the URL's folder, unless it holds the checkpoint
+            os.rmdir(folder)
 
 
 def _probe(path: str) -> Tuple[Optional[Dict[str, Any]], str]:

@@ -22,7 +22,7 @@ import torch.nn as nn
 from models.weights import CheckpointMismatchError, LoadResult, extract_state_dict, infer_model_kwargs, \
     load_weights, strip_prefixes
 
-from .config import Config, apply_overrides, config_from_yaml_text, load_config
+from .config import Config, DataConfig, apply_overrides, config_from_yaml_text, load_config
 from .errors import UserError
 from .model import build_model, is_multimax_model
 
@@ -30,6 +30,8 @@ from .model import build_model, is_multimax_model
 # configs for them say 0.9, and 1.0 at 384).
 _DEIT_RELEASE = re.compile(r"^deit_(tiny|small|base)(_distilled)?_patch16_(224|384)(\.|$)")
 DEIT_EVAL_CROP_PCT = 0.875
+# Where a stored config's data come from, besides data.dataset (see eval_config).
+_DATA_SOURCE = ("root", "download", "val_split")
 
 
 @dataclass
@@ -58,7 +60,9 @@ def eval_config(spec: EvalSpec, ckpt: Optional[Dict[str, Any]], label: str, stor
     (ImageFolder data; the image size timm gives ``spec.model``; for a checkpoint what its weights
     say, ``models.infer_model_kwargs``). Then evaluation's rules — the whole split
     (``data.max_val_samples`` only from the overrides) and no ``model.init_checkpoint`` (the
-    weights are the ones evaluated) — and the overrides on top."""
+    weights are the ones evaluated) — and the overrides on top. Overrides naming another dataset
+    or root than the stored config's replace its data source as a whole (``_DATA_SOURCE``: what
+    they do not set takes its default)."""
     stored = stored_config(ckpt, stored)
     if spec.config:
         cfg = load_config(spec.config, [])
@@ -82,7 +86,16 @@ def eval_config(spec: EvalSpec, ckpt: Optional[Dict[str, Any]], label: str, stor
         cfg.model.name = spec.model
     cfg.model.init_checkpoint = ""
     cfg.data.max_val_samples = None
-    return apply_overrides(cfg, spec.overrides) if spec.overrides else cfg
+    if not spec.overrides:
+        return cfg
+    out = apply_overrides(cfg, spec.overrides)
+    if stored and not spec.config and (out.data.dataset, out.data.root) != (cfg.data.dataset, cfg.data.root):
+        # another dataset or root: the stored data source gives way as a whole, so that nothing is
+        # read from, downloaded or written into a root the user did not name for this dataset
+        for key in _DATA_SOURCE:
+            if not spec.sets(f"data.{key}"):
+                setattr(out.data, key, getattr(DataConfig(), key))
+    return out
 
 
 def _pretrained_cfg(name: str):
@@ -115,8 +128,8 @@ def checkpoint_model(spec: EvalSpec, ckpt: Dict[str, Any], label: str) -> Tuple[
     the model built for the weights (class count and input channels from them unless the config
     sets them), and for a checkpoint without a config of its own timm's preprocessing. Returns
     (model, config, LoadResult, crop mode)."""
+    sd = source_state_dict(ckpt, spec.use_ema, label)  # first: a missing entry is named before anything reads it
     cfg = eval_config(spec, ckpt, label)
-    sd = source_state_dict(ckpt, spec.use_ema, label)
     conv = sd.get(f"{classifier_and_stem(cfg.model.name)[1]}.weight")
     num_classes = cfg.model.num_classes or head_rows(sd, cfg.model.name)
     in_chans = cfg.model.in_chans or (int(conv.shape[1]) if conv is not None and conv.dim() == 4 else None)

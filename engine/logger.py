@@ -9,9 +9,11 @@ import io
 import json
 import math
 import os
+import re
+import shlex
 import sys
 import time
-from typing import TYPE_CHECKING, Any, Dict, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 if TYPE_CHECKING:  # a type hint only: importing this module (read_jsonl) needs no torch
     import torch.nn as nn
@@ -19,6 +21,10 @@ if TYPE_CHECKING:  # a type hint only: importing this module (read_jsonl) needs 
 # Files of the sweep tools: scripts/sweep.py writes them, scripts/report.py reads them.
 MANIFEST = "sweep.json"     # in the sweep's output_dir: the sweep file's runs
 EVAL_JSON = "eval.json"     # in each run directory: eval.py's result for last.pth
+TRAIN_LOG = "train.log"     # in each run directory: the output of every train.py call, and
+EVAL_LOG = "eval.log"       # of every eval.py call, each between a call_start and a call_end line
+_CALL_END = re.compile(r"^=== \S+ exit (-?\d+)$")
+_EXPLAINS = re.compile(r"^\w+\.py: (error|warning): ")
 
 
 def console(msg: str, is_main: bool = True) -> None:
@@ -133,18 +139,67 @@ class RunLogger:
             self.tb.close()
 
 
-def read_jsonl(path: str) -> list:
-    """The records of a ``log.jsonl``; a last line cut by a crash is ignored."""
+def read_jsonl(path: str, problems: Optional[List[str]] = None) -> list:
+    """The records (JSON objects) of a ``log.jsonl``; a last line cut by a crash is ignored. Other
+    lines that are not records are skipped, and a file that cannot be read has none; with a
+    ``problems`` list, each such finding is added to it (without, an unreadable file raises OSError)."""
     if not os.path.exists(path):
         return []
-    rows = []
-    with open(path) as f:
-        for line in f:
-            try:
-                rows.append(json.loads(line))
-            except json.JSONDecodeError:
-                continue
+    try:
+        with open(path, errors="replace") as f:
+            lines = f.read().split("\n")  # the last piece is "" or a line cut by a crash
+    except OSError as e:
+        if problems is None:
+            raise
+        problems.append(f"{path}: unreadable ({e.strerror or e})")
+        return []
+    rows, bad = [], []
+    for number, line in enumerate(lines, 1):
+        try:
+            record = json.loads(line) if line.strip() else None
+        except json.JSONDecodeError:
+            record = None
+        if isinstance(record, dict):
+            rows.append(record)
+        elif line.strip() and number < len(lines):
+            bad.append(number)
+    if bad and problems is not None:
+        problems.append(f"{path}: {len(bad)} line(s) are not JSON records (line {', '.join(map(str, bad[:5]))}"
+                        f"{' ...' if len(bad) > 5 else ''}), skipped")
     return rows
+
+
+def call_start(command: List[str]) -> str:
+    """The line that opens a call's output in ``TRAIN_LOG``/``EVAL_LOG``."""
+    return f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} {shlex.join(command)}\n"
+
+
+def call_end(status: int) -> str:
+    """The line that closes it, with the exit status (negative: killed by that signal)."""
+    return f"=== {time.strftime('%Y-%m-%dT%H:%M:%S')} exit {status}\n"
+
+
+def read_call(path: str, offset: Optional[int] = None) -> Tuple[Optional[int], str]:
+    """The exit status of the last call in a ``TRAIN_LOG``/``EVAL_LOG`` (None: not ended, or no log)
+    and the line that explains it: its last ``<script>.py: error:``/``warning:`` line, else its
+    last line. ``offset``: everything written from there on is the call (another process may
+    have written into the log meanwhile)."""
+    try:
+        with open(path, "rb") as f:
+            f.seek(offset or 0)
+            lines = [line.strip() for line in f.read().decode(errors="replace").splitlines() if line.strip()]
+    except OSError:
+        return None, ""
+    if offset is None:
+        starts = [i for i, line in enumerate(lines) if line.startswith("=== ") and not _CALL_END.match(line)]
+        lines = lines[starts[-1]:] if starts else lines
+    status, said = None, [line for line in lines if not line.startswith("=== ")]
+    for line in lines:
+        end = _CALL_END.match(line)
+        if end:
+            status = int(end.group(1))
+    explained = [line for line in said if _EXPLAINS.match(line)]
+    return status, ((explained or said or [""])[-1])[:300]
 
 
 def eval_is_current(run_dir: str) -> bool:

@@ -5,12 +5,15 @@ from __future__ import annotations
 import copy
 import dataclasses
 import difflib
+import os
 import re
+import socket
 from typing import Any, Dict, Optional, Tuple, Union
 
 import timm
 import torch
 import torch.nn as nn
+from timm.layers import PatchEmbed
 from timm.models import get_arch_name, model_entrypoint
 
 import models
@@ -92,6 +95,7 @@ def build_model(cfg: ModelConfig, num_classes: Optional[int] = None, in_chans: O
     if not ours:
         kwargs = {k: v for k, v in kwargs.items() if k not in _OURS_ONLY or k in cfg.kwargs}
     model = _create(cfg.name, kwargs, optional=() if ours else _IF_ACCEPTED)
+    _check_patch_grid(model)
     if cfg.grad_checkpointing and not ours:
         model.set_grad_checkpointing(True)
     if cfg.init_checkpoint:
@@ -121,24 +125,88 @@ def build_pretrained(name: str, state_dict: Optional[Dict[str, torch.Tensor]] = 
     filter, e.g. DeiT's release format, and its strict check): from timm's source for the name
     (the Hugging Face hub cache, downloaded if missing; ``local-dir:``/``hf-hub:`` folders), or
     ``state_dict``, a local copy of them whose head has ``num_classes`` rows (timm would
-    re-initialise a head of another size than its config's). ``kwargs`` left None are not passed."""
+    re-initialise a head of another size than its config's). ``kwargs`` left None are not passed.
+    Where the hub cannot be reached, huggingface_hub is put in its offline mode first (see
+    ``_hub_unreachable``): cached weights load, missing ones fail at once."""
     kwargs = {k: v for k, v in kwargs.items() if v is not None}
     overlay = None
     if state_dict is not None:
         overlay = {"state_dict": state_dict, **({"num_classes": num_classes} if num_classes else {})}
-    where = "its local copy" if state_dict is not None else "timm's source"
     if not (name.startswith(("local-dir:", "hf-hub:")) or timm.is_model(get_arch_name(name))):
         raise UserError(f"--model: unknown timm model {name!r}")
+    if state_dict is not None:
+        where = "its local copy"
+    elif name.startswith("local-dir:"):
+        where = os.path.join(name[len("local-dir:"):], "config.json")
+    else:
+        where = "timm's source"
+    offline = where == "timm's source" and _from_hub(name) and _hub_unreachable()
     try:
-        return timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
+        model = timm.create_model(name, pretrained=True, pretrained_cfg_overlay=overlay, **kwargs)
     except RuntimeError as e:
         keys = _state_dict_keys(str(e))
         reason = "; ".join(f"{kind} keys {', '.join(found[:8])}{' ...' if len(found) > 8 else ''}"
                            for kind, found in keys.items() if found) or one_line_reason(e)
         raise UserError(f"cannot load pretrained weights for {name} from {where}: {reason}") from None
     except (OSError, ValueError, AssertionError, ImportError, TypeError) as e:  # no network / cache, bad folder
-        raise UserError(f"cannot load pretrained weights for {name} from {where}: {one_line_reason(e)} "
-                        "(offline? --pretrained-file PATH takes a local copy)") from None
+        reason = one_line_reason(e)
+        if where == "timm's source" and isinstance(e, OSError):
+            from huggingface_hub import constants
+
+            if offline:
+                reason = (f"the Hugging Face hub is offline (unreachable, or HF_HUB_OFFLINE set) and its cache "
+                          f"({constants.HF_HUB_CACHE}) holds no copy")
+            reason += "; --pretrained-file PATH takes a local copy"
+        raise UserError(f"cannot load pretrained weights for {name} from {where}: {reason}") from None
+    _check_patch_grid(model)
+    return model
+
+
+# How long the check that the Hugging Face hub can be reached waits for a connection.
+HUB_PROBE_TIMEOUT_S = 3.0
+
+
+def _from_hub(name: str) -> bool:
+    """Whether timm fetches the pretrained weights of ``name`` from the Hugging Face hub."""
+    return name.startswith("hf-hub:") or bool(getattr(timm.get_pretrained_cfg(name), "hf_hub_id", None))
+
+
+def _hub_unreachable() -> bool:
+    """True when huggingface_hub is offline: set so (HF_HUB_OFFLINE), or put so here because one
+    TCP connection to its endpoint (or the proxy for it) fails within ``HUB_PROBE_TIMEOUT_S``.
+    Without the switch every file it looks for is retried with back-off, about a minute of
+    warnings before the error, even for files in its cache."""
+    from urllib.parse import urlparse
+    from urllib.request import getproxies, proxy_bypass
+
+    from huggingface_hub import constants
+
+    if constants.HF_HUB_OFFLINE:
+        return True
+    endpoint = urlparse(constants.ENDPOINT)
+    proxy = None if proxy_bypass(endpoint.hostname or "") else getproxies().get(endpoint.scheme)
+    target = urlparse(proxy) if proxy else endpoint
+    try:
+        port = target.port or (443 if target.scheme == "https" else 80)
+        socket.create_connection((target.hostname, port), timeout=HUB_PROBE_TIMEOUT_S).close()
+        return False
+    except (OSError, ValueError):  # no route, refused, no name resolution, a malformed address
+        constants.HF_HUB_OFFLINE = True
+        return True
+
+
+def _check_patch_grid(model: nn.Module) -> None:
+    """Refuse an image size that is not a multiple of a ViT's patch size: its patch embedding
+    would silently leave out the last pixel rows and columns of every image."""
+    embed = getattr(model, "patch_embed", None)
+    if not isinstance(embed, PatchEmbed) or embed.dynamic_img_pad or embed.img_size is None:
+        return
+    for size, patch in zip(embed.img_size, embed.patch_size):
+        if size % patch:
+            lower = size - size % patch
+            sizes = f"{lower} or {lower + patch}" if lower else f"{patch}"
+            raise UserError(f"model.img_size {size} is not a multiple of the patch size {patch}: the last "
+                            f"{size % patch} pixel rows and columns of every image would be left out; use {sizes}")
 
 
 def _state_dict_keys(message: str) -> Dict[str, list]:

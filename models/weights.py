@@ -311,19 +311,31 @@ def class_token_architecture(sd: Mapping[str, torch.Tensor]) -> str:
     return " ".join([f"deit_{size or 'tiny'}{distilled}_patch16_224", *extra])
 
 
+_TOKEN_NAMES = {"cls_token": "a class token", "dist_token": "a distillation token", "reg_token": "register tokens"}
+
+
+def _tokens(names: Sequence[str]) -> str:
+    return f"{' and '.join(_TOKEN_NAMES[t] for t in names)} ({', '.join(names)})"
+
+
 def _token_mismatch(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.Tensor]) -> Optional[str]:
-    """Why a strict load cannot go on when the checkpoint and the model pool differently, else None."""
-    extra = [t for t in _PREFIX_TOKENS if t in sd and t not in target]
-    if extra:
-        return (f"it is a class-token model ({', '.join(extra)}) and this model has no class token, so its "
+    """Why a strict load cannot go on when the checkpoint and the model have other prefix tokens
+    (class, distillation, register), else None."""
+    in_ckpt = [t for t in _PREFIX_TOKENS if t in sd]
+    in_model = [t for t in _PREFIX_TOKENS if t in target]
+    if in_ckpt == in_model:
+        return None
+    if not in_model:
+        return (f"it is a class-token model ({', '.join(in_ckpt)}) and this model has no class token, so its "
                 f"classifier would read other features than it was trained on (a GAP model averages the patch "
                 f"tokens); evaluate it in its own architecture: --model {class_token_architecture(sd)} "
                 f"(model.init_checkpoint starts a GAP model from it)")
-    missing = [t for t in _PREFIX_TOKENS if t in target and t not in sd]
-    if missing:
-        return (f"the checkpoint has no {', '.join(missing)} (it pools the average of its tokens) and the model "
+    if not in_ckpt:
+        return (f"the checkpoint has no {', '.join(in_model)} (it pools the average of its tokens) and the model "
                 "expects one: build the model it was trained as (e.g. a *_gap_* or *_multimax_* model)")
-    return None
+    return (f"it has {_tokens(in_ckpt)}, this model {_tokens(in_model)}, so its output would be computed from other "
+            f"tokens than it was trained on; evaluate it in its own architecture: --model "
+            f"{class_token_architecture(sd)}")
 
 
 def load_weights(

@@ -37,8 +37,9 @@ import yaml
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError  # noqa: E402
-from engine.logger import EVAL_JSON, MANIFEST, eval_is_current, read_jsonl  # noqa: E402
+from engine.errors import EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError  # noqa: E402
+from engine.logger import (  # noqa: E402
+    EVAL_JSON, EVAL_LOG, MANIFEST, TRAIN_LOG, eval_is_current, read_call, read_jsonl)
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 # (column, log.jsonl key, best is the max?) of the accuracy metrics
@@ -50,11 +51,12 @@ class RunResult:
     variant: str
     seed: Optional[int]
     run_dir: str
-    state: str                     # "finished", "k of N epochs" or "not started"
+    state: str                     # "finished", "k of N epochs", "failed (...)", "log.jsonl unreadable", "not started"
     epochs: Optional[int] = None
     rows: List[Dict[str, Any]] = field(default_factory=list)
     values: Dict[str, float] = field(default_factory=dict)   # final_/best_ metrics, sparsity, multimodality, train_min
     layers: Dict[str, Tuple[Optional[float], Optional[float]]] = field(default_factory=dict)  # layer → (S, M)
+    warnings: List[str] = field(default_factory=list)  # for the console: unreadable logs, why the run failed
 
     @property
     def finished(self) -> bool:
@@ -135,17 +137,35 @@ def train_minutes(rows: Sequence[Dict[str, Any]], global_batch: Optional[int]) -
     return total / 60.0
 
 
+def _failure(run_dir: str, log_name: str) -> Optional[Tuple[str, str]]:
+    """(state, warning) when the last call in the run's sweep log ``log_name`` failed, else None.
+    Without an exit line (logs of older sweeps) an error line as its last word counts as failure."""
+    log = os.path.join(run_dir, log_name)
+    status, why = read_call(log)
+    script = log_name.replace(".log", ".py")
+    if status in (EXIT_OK, EXIT_RESUMABLE) or (status is None and not why.startswith(f"{script}: error:")):
+        return None
+    exit_text = f"{script} exit {status}" if status is not None else f"{script} failed"
+    return f"failed ({exit_text})", f"{run_dir}: {exit_text}: {why} (log: {log})"
+
+
 def read_run(variant: str, seed: Optional[int], run_dir: str) -> RunResult:
     epochs, config_seed, global_batch = _run_config(run_dir)
     seed = seed if seed is not None else config_seed
-    rows = [r for r in read_jsonl(os.path.join(run_dir, "log.jsonl")) if isinstance(r.get("epoch"), int)]
+    problems: List[str] = []
+    rows = [r for r in read_jsonl(os.path.join(run_dir, "log.jsonl"), problems) if isinstance(r.get("epoch"), int)]
     started = rows or os.path.exists(os.path.join(run_dir, "last.pth"))
-    result = RunResult(variant, seed, run_dir, "not started", epochs, rows)
+    result = RunResult(variant, seed, run_dir, "not started", epochs, rows, warnings=problems)
     done = rows[-1]["epoch"] + 1 if rows else 0
-    if not started:
-        return result
     if epochs is None or done < epochs or _finite(rows[-1].get("val_top1")) is None:
-        result.state = f"{done} of {epochs if epochs is not None else '?'} epochs"
+        failure = _failure(run_dir, TRAIN_LOG)
+        if failure:
+            result.state = failure[0]
+            result.warnings.append(failure[1])
+        elif problems and not rows:
+            result.state = "log.jsonl unreadable"
+        elif started:
+            result.state = f"{done} of {epochs if epochs is not None else '?'} epochs"
         return result
     result.state = "finished"
     for suffix in ("", "_ema"):
@@ -158,6 +178,9 @@ def read_run(variant: str, seed: Optional[int], run_dir: str) -> RunResult:
     if minutes is not None:
         result.values["train_min"] = minutes
     _read_attention(result)
+    failure = None if "sparsity" in result.values else _failure(run_dir, EVAL_LOG)
+    if failure:
+        result.warnings.append(failure[1])
     return result
 
 
@@ -380,6 +403,8 @@ def _layer_label(layer: str) -> str:
 def report(paths: Sequence[str], out_dir: str) -> List[str]:
     runs, variants = find_runs(paths)
     results = [read_run(*r) for r in runs]
+    for warning in (w for r in results for w in r.warnings):
+        print(f"report.py: warning: {warning}", file=sys.stderr)
     table = summarise(variants, results)
     try:
         os.makedirs(out_dir, exist_ok=True)

@@ -44,7 +44,6 @@ interrupted (rerun the same command to resume).
 from __future__ import annotations
 
 import argparse
-import datetime
 import difflib
 import json
 import os
@@ -64,7 +63,8 @@ sys.path.insert(0, REPO)
 
 from engine.config import CLI, load_config, parse_yaml  # noqa: E402
 from engine.errors import EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError  # noqa: E402
-from engine.logger import EVAL_JSON, MANIFEST, eval_is_current, read_jsonl  # noqa: E402
+from engine.logger import (  # noqa: E402
+    EVAL_JSON, EVAL_LOG, MANIFEST, TRAIN_LOG, call_end, call_start, eval_is_current, read_call, read_jsonl)
 
 EXIT_FAILED = 1
 TRAIN = os.path.join(REPO, "train.py")
@@ -258,8 +258,8 @@ def load_sweep(path: str, cli_overrides: Sequence[str] = (), gpus_per_run: Optio
 
 
 def write_manifest(sweep: Sweep) -> None:
-    """``<output_dir>/sweep.json``: the variants and runs, so report.py knows runs not started yet."""
-    os.makedirs(sweep.output_dir, exist_ok=True)
+    """``<output_dir>/sweep.json``: the variants and runs, so report.py knows runs not started yet.
+    An output_dir that is a file or cannot be created or written is a UserError."""
     manifest = {
         "sweep_file": os.path.abspath(sweep.path),
         "seeds": sweep.seeds,
@@ -268,9 +268,15 @@ def write_manifest(sweep: Sweep) -> None:
                  for r in sweep.runs],
     }
     target = os.path.join(sweep.output_dir, MANIFEST)
-    with open(target + ".tmp", "w") as f:
-        json.dump(manifest, f, indent=2)
-    os.replace(target + ".tmp", target)
+    try:
+        os.makedirs(sweep.output_dir, exist_ok=True)
+        with open(target + ".tmp", "w") as f:
+            json.dump(manifest, f, indent=2)
+        os.replace(target + ".tmp", target)
+    except OSError as e:
+        problem = "is not a directory" if os.path.exists(sweep.output_dir) and not os.path.isdir(sweep.output_dir) \
+            else f"cannot be written ({e.filename}: {e.strerror or e})"
+        raise _key_error(sweep.path, "output_dir", f"{sweep.output_dir} {problem}") from None
 
 
 # ---------------------------------------------------------------- the state of a run
@@ -307,15 +313,6 @@ class Outcome:
 
 class RunFailed(RuntimeError):
     """A SLURM job's run did not finish (failed, or interrupted without a requeue)."""
-
-
-def _last_line(path: str) -> str:
-    try:
-        with open(path, errors="replace") as f:
-            lines = [line.strip() for line in f.readlines()[-50:] if line.strip()]
-    except OSError:
-        return ""
-    return lines[-1][:300] if lines else ""
 
 
 def _ignoring(signum: int):
@@ -385,11 +382,13 @@ class RunJob:
                 env.pop("SLURM_STEPID", None)
         return env
 
-    def _run_child(self, command: List[str], log_path: str, env: Dict[str, str]) -> int:
-        """Run ``command`` with its output appended to ``log_path``; the exit code (negative: killed by a signal)."""
+    def _run_child(self, command: List[str], log_path: str, env: Dict[str, str]) -> Tuple[int, str]:
+        """Run ``command`` with its output appended to ``log_path``, between ``call_start`` and
+        ``call_end`` lines; its exit code (negative: killed by a signal) and the line that explains
+        it, from what this call wrote (``read_call``)."""
         with open(log_path, "a") as log:
-            stamp = datetime.datetime.now().isoformat(timespec="seconds")
-            log.write(f"=== {stamp} {shlex.join(command)}\n")
+            offset = log.tell()
+            log.write(call_start(command))
             log.flush()
             # a session of its own: a Ctrl-C meant for the sweep reaches train.py as the sweep's SIGTERM
             proc = subprocess.Popen(command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
@@ -403,7 +402,9 @@ class RunJob:
             proc.send_signal(signal.SIGTERM)
         waiter.join()
         self._proc = self._waiter = None
-        return proc.returncode
+        with open(log_path, "a") as log:
+            log.write(call_end(proc.returncode))
+        return proc.returncode, read_call(log_path, offset)[1]
 
     @property
     def _is_main(self) -> bool:
@@ -414,25 +415,28 @@ class RunJob:
         state = run_state(run)
         if state == "done":
             return Outcome("skipped", "done before")
-        os.makedirs(run.run_dir, exist_ok=True)
+        try:
+            os.makedirs(run.run_dir, exist_ok=True)
+        except OSError as e:
+            return Outcome("failed", f"cannot create the run directory {run.run_dir}: {e.strerror or e}")
         if state != "trained":
-            log = os.path.join(run.run_dir, "train.log")
-            rc = self._run_child(run.train_command(torchrun=not self.slurm), log, self._environment(False))
+            log = os.path.join(run.run_dir, TRAIN_LOG)
+            rc, why = self._run_child(run.train_command(torchrun=not self.slurm), log, self._environment(False))
             state = run_state(run)
             if state != "trained" or self._stopping:
                 if rc in (EXIT_OK, EXIT_RESUMABLE) or self._stopping:
                     return Outcome("interrupted", f"{_progress(run)}, resumes on the next call",
                                    time.perf_counter() - start)
-                return Outcome("failed", f"train.py exit {rc}: {_last_line(log)} (log: {log})",
+                return Outcome("failed", f"train.py exit {rc}: {why} (log: {log})",
                                time.perf_counter() - start)
         if not self._is_main:
             return Outcome("done", "trained (rank 0 evaluates)", time.perf_counter() - start)
-        log = os.path.join(run.run_dir, "eval.log")
-        rc = self._run_child(run.eval_command(), log, self._environment(True))
+        log = os.path.join(run.run_dir, EVAL_LOG)
+        rc, why = self._run_child(run.eval_command(), log, self._environment(True))
         if self._stopping:
             return Outcome("interrupted", "trained; evaluates on the next call", time.perf_counter() - start)
         if rc != 0 or run_state(run) != "done":
-            return Outcome("failed", f"eval.py exit {rc}: {_last_line(log)} (log: {log})",
+            return Outcome("failed", f"eval.py exit {rc}: {why} (log: {log})",
                            time.perf_counter() - start)
         return Outcome("done", _result_line(run), time.perf_counter() - start)
 
@@ -513,7 +517,7 @@ def run_local(runs: Sequence[Run], slots: Sequence[Dict[str, str]], say: Console
             if state != "done":
                 action = {"new": "training", "partial": "resuming", "trained": "evaluating"}[state]
                 say(f"[{index}/{len(runs)}] {run.name}: {action} (log: {run.run_dir}/"
-                    f"{'eval' if state == 'trained' else 'train'}.log)")
+                    f"{EVAL_LOG if state == 'trained' else TRAIN_LOG})")
             outcome = job.execute(run)
             outcomes[run.name] = outcome
             if outcome.status != "skipped":
@@ -549,6 +553,14 @@ def _duration(seconds: float) -> str:
 
 # ---------------------------------------------------------------- SLURM (submitit)
 
+def check_slurm(cluster: str) -> None:
+    """Refuse ``--launcher slurm`` (with submitit's slurm executor) where SLURM's tools are missing."""
+    missing = [tool for tool in ("sbatch", "srun") if shutil.which(tool) is None] if cluster == "slurm" else []
+    if missing:
+        raise UserError(f"--launcher slurm: no SLURM on this machine ({' and '.join(missing)} not found on PATH); "
+                        "run the sweep on a login node of the cluster, or use --launcher local")
+
+
 def slurm_executor(sweep: Sweep, args: argparse.Namespace, nproc: int):
     """A submitit executor for one job per run: ``--nodes`` nodes × ``nproc`` tasks/GPUs each."""
     import submitit
@@ -580,8 +592,14 @@ def run_slurm(sweep: Sweep, runs: Sequence[Run], args: argparse.Namespace, say: 
     # job process need not find engine/ (its cwd is where the sweep was started): run_state's helpers
     # from engine.logger go by value too
     cloudpickle.register_pickle_by_value(engine.logger)
+    from submitit.core.utils import FailedJobError, FailedSubmissionError
+
     executor = slurm_executor(sweep, args, runs[0].nproc)
-    jobs = executor.map_array(RunJob(slurm=True), list(runs))
+    try:
+        jobs = executor.map_array(RunJob(slurm=True), list(runs))
+    except (FailedJobError, FailedSubmissionError) as e:  # sbatch refused the array (its stderr is printed)
+        lines = [line for line in str(e).splitlines() if line.strip()] or [type(e).__name__]
+        raise UserError(f"--launcher slurm: the job array was not submitted: {lines[-1]}") from None
     for run, job in zip(runs, jobs):
         say(f"{run.name}: job {job.job_id} (logs: {job.paths.stdout})")
     if not (args.wait or args.cluster in ("local", "debug")):
@@ -685,6 +703,8 @@ def main(argv=None) -> int:
         if args.dry_run:
             dry_run(runs, args, slots)
             return EXIT_OK
+        if args.launcher == "slurm":
+            check_slurm(args.cluster)
         write_manifest(sweep)
         todo = [r for r in runs if run_state(r) != "done"]
         say(f"sweep {sweep.path}: {len(runs)} runs ({len(runs) - len(todo)} done before) in {sweep.output_dir}")

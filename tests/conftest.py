@@ -59,3 +59,24 @@ def write_image_folder(root, classes=("a", "b", "c", "d", "e"), per_class=3, siz
 def image_folder(tmp_path_factory):
     """Five classes a..e, three 40x48 RGB images each, in ``<root>/val``."""
     return write_image_folder(str(tmp_path_factory.mktemp("imagefolder")))
+
+
+@pytest.fixture
+def http_server(tmp_path):
+    """(base URL, directory): a local HTTP server, in a thread, serving a fresh directory."""
+    import functools
+    import http.server
+    import threading
+
+    class Quiet(http.server.SimpleHTTPRequestHandler):
+        def log_message(self, *args):
+            pass
+
+    root = tmp_path / "served"
+    root.mkdir()
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), functools.partial(Quiet, directory=str(root)))
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://127.0.0.1:{server.server_address[1]}", root
+    server.shutdown()
+    server.server_close()

@@ -1,6 +1,7 @@
 """eval.py on our checkpoints: reproduces training's evaluation, exact under DDP, statistics, the
 whole split, class names checked, directories of checkpoints, result names, clear errors."""
 import json
+import math
 import os
 import shutil
 import subprocess
@@ -13,9 +14,10 @@ import torch
 import eval as evaluate_script
 import models  # noqa: F401
 from conftest import write_image_folder
-from data import build_eval_loader
+from data import build_eval_loader, datasets
 from data.datasets import FashionMNIST
 from engine.config import config_from_yaml_text, dump_config, load_config
+from engine.errors import UserError
 from engine.logger import read_jsonl
 from engine.model import build_model
 from helpers import ROOT, run_train, tiny_overrides
@@ -267,16 +269,86 @@ def test_clear_errors(trained_run, fake_fmnist, tmp_path, capsys):
     assert "deit_small_patch16_224" in one_line_error(capsys, "--checkpoint", last, "--model", "deit_smal_patch16_224")
 
 
-def test_a_url_is_downloaded_into_the_cache_and_results_go_to_the_working_dir(trained_run, tmp_path, monkeypatch):
+def test_urls_with_one_file_name_are_two_checkpoints(trained_run, tmp_path, monkeypatch, http_server):
+    """Two runs' last.pth by URL: file:// is read in place, http(s) cached per URL, so neither answers
+    for the other; results go to the working directory, never into the cache."""
+    base, served = http_server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
     work = tmp_path / "work"
     work.mkdir()
     monkeypatch.chdir(work)
-    url = "file://" + os.path.join(trained_run, "last.pth")
-    assert run_eval("--checkpoint", url) == 0
-    assert (tmp_path / "torch_home" / "hub" / "checkpoints" / "last.pth").is_file()
-    res = json.loads((work / "last.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json").read_text())
-    assert res["checkpoint"] == url and res["num_images"] == 37
+    ckpt = torch.load(os.path.join(trained_run, "last.pth"), weights_only=True)
+    for run, scale in (("a", 1.0), ("b", -1.0)):  # b: the head negated, its predictions differ
+        ckpt["model"]["head.weight"] *= scale
+        for folder in (tmp_path / run, served / run):
+            folder.mkdir()
+            torch.save(ckpt, folder / "last.pth")
+    name = "last.vit_micro_multimax_patch7_28.fashion_mnist-val.28px.eval.json"
+    results = {}
+    for url in [(tmp_path / r / "last.pth").as_uri() for r in "ab"] + [f"{base}/{r}/last.pth" for r in "ab"]:
+        assert run_eval("--checkpoint", url, "--output", work / f"{len(results)}.json") == 0
+        results[url] = json.loads((work / f"{len(results)}.json").read_text())
+        assert results[url]["checkpoint"] == url and results[url]["num_images"] == 37
+    file_a, file_b, http_a, http_b = results.values()
+    assert file_a["loss"] != file_b["loss"] and http_a["loss"] != http_b["loss"]
+    assert (http_a["loss"], http_b["loss"]) == (file_a["loss"], file_b["loss"])
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
+    assert len(list(cache.glob("*/last.pth"))) == 2  # the two http URLs; the file URLs were not copied
+    assert run_eval("--checkpoint", (tmp_path / "a" / "last.pth").as_uri()) == 0
+    assert (work / name).is_file() and not list(cache.rglob("*.json"))
+
+
+def test_another_dataset_or_root_leaves_the_stored_root_alone(trained_run, fake_fmnist, tmp_path, monkeypatch,
+                                                             capsys):
+    """A checkpoint trained on an ImageFolder at a root with data.download on, evaluated on
+    Fashion-MNIST: the stored root and download give way, nothing is written under that root."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    monkeypatch.setattr(datasets, "FASHION_MNIST_DEBIAN_DIR", str(tmp_path / "no-debian"))
+    stored_root = tmp_path / "folder_data"
+    stored_root.mkdir()
+    ckpt = torch.load(os.path.join(trained_run, "last.pth"), weights_only=True)
+    cfg = config_from_yaml_text(ckpt["config"])
+    cfg.data.dataset, cfg.data.root, cfg.data.download = "imagefolder", str(stored_root), True
+    cfg.data.val_split = "holdout"
+    ckpt["config"] = dump_config(cfg)
+    torch.save(ckpt, tmp_path / "folder.pth")
+    err = one_line_error(capsys, "--checkpoint", tmp_path / "folder.pth", "--dataset", "fashion_mnist")
+    assert "Fashion-MNIST not found" in err and str(stored_root) not in err  # looked for where the default is
+    assert run_eval("--checkpoint", tmp_path / "folder.pth", "--dataset", "fashion_mnist", "--data-root", fake_fmnist,
+                    "--output", tmp_path / "r.json") == 0
+    res = json.loads((tmp_path / "r.json").read_text())
+    assert res["num_images"] == 37 and res["dataset"]["split"] == "val"  # the stored "holdout" went too
+    # the same dataset at another root: the stored download does not follow it there
+    other = tmp_path / "other_root"
+    other.mkdir()
+    last = os.path.join(trained_run, "last.pth")
+    assert config_from_yaml_text(torch.load(last, weights_only=True)["config"]).data.download  # the quickstart's
+    assert "Fashion-MNIST not found" in one_line_error(capsys, "--checkpoint", last, "--data-root", other)
+    assert os.listdir(stored_root) == [] and os.listdir(other) == []
+    assert not (tmp_path / "cache").exists()
+
+
+def test_non_finite_weights_are_evaluated_with_a_warning_and_exit_3(trained_run, tmp_path, capsys):
+    ckpt = torch.load(os.path.join(trained_run, "last.pth"), weights_only=True)
+    ckpt["model"]["blocks.1.mlp.fc2.weight"][0, 0] = float("nan")
+    torch.save(ckpt, tmp_path / "nan.pth")
+    capsys.readouterr()
+    assert run_eval("--checkpoint", tmp_path / "nan.pth", "--output", tmp_path / "nan.json") == 3
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith(f"eval.py: warning: {tmp_path / 'nan.pth'}: the loss is nan")
+    assert "1 weight tensor(s) hold NaN/Inf (blocks.1.mlp.fc2.weight)" in err
+    res = json.loads((tmp_path / "nan.json").read_text())  # the result is still written, as it is
+    assert math.isnan(res["loss"]) and res["weights"]["nonfinite"] == ["blocks.1.mlp.fc2.weight"]
+    assert run_eval("--checkpoint", os.path.join(trained_run, "last.pth"), "--output", tmp_path / "ok.json") == 0
+    assert json.loads((tmp_path / "ok.json").read_text())["weights"]["nonfinite"] == []
+
+
+def test_an_image_size_off_the_patch_grid_is_refused(trained_run, capsys):
+    err = one_line_error(capsys, "--checkpoint", os.path.join(trained_run, "last.pth"), "--img-size", "30")
+    assert "model.img_size 30 is not a multiple of the patch size 7" in err and "use 28 or 35" in err
+    cfg = load_config(os.path.join(ROOT, "configs", "quickstart.yaml"), ["model.img_size=30"])
+    with pytest.raises(UserError, match="model.img_size 30 is not a multiple"):  # training builds it the same way
+        build_model(cfg.model, 10, 1)
 
 
 def test_imports_point_one_way():

@@ -111,3 +111,33 @@ def test_a_checkpoint_without_config_needs_model(tmp_path, capsys):
     assert export.main([str(tmp_path / "bare.pth"), "--out", str(tmp_path / "x")]) == 2
     assert "carries no config: name its architecture with --model" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_a_folder_whose_config_json_is_wrong_is_named_without_unrelated_advice(checkpoint, tmp_path, capsys):
+    path, _ = checkpoint
+    out = tmp_path / "exported"
+    assert export.main([path, "--out", str(out)]) == 0
+    good = json.loads((out / "config.json").read_text())
+    for change, message in (({"architecture": "vit_micro_multimax_patch7_99"},
+                             f"{out / 'config.json'}: architecture 'vit_micro_multimax_patch7_99' is not a model timm "
+                             "knows"),
+                            ({"model_args": {**good["model_args"], "bogus": 1}},
+                             f"from {out / 'config.json'}: TypeError: VisionTransformer.__init__() got an unexpected "
+                             "keyword argument 'bogus'")):
+        (out / "config.json").write_text(json.dumps({**good, **change}))
+        capsys.readouterr()
+        assert evaluate_script.main(["--checkpoint", str(out)]) == 2
+        err = capsys.readouterr().err.strip()
+        assert len(err.splitlines()) == 1 and message in err, err
+        assert "offline" not in err and "--pretrained-file" not in err
+
+
+def test_use_ema_without_ema_weights_is_one_line(tmp_path, capsys):
+    torch.save(build_model(load_config(os.path.join(ROOT, "configs", "quickstart.yaml")).model, 10, 1).state_dict(),
+               tmp_path / "bare.pth")
+    assert export.main([str(tmp_path / "bare.pth"), "--out", str(tmp_path / "x"), "--model",
+                        "vit_micro_multimax_patch7_28", "--use-ema"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"export.py: error: {tmp_path / 'bare.pth'}: checkpoint has no EMA weights ('model_ema' is missing " \
+                  "or empty)"
+    assert not (tmp_path / "x").exists()

@@ -9,6 +9,7 @@ import os
 import re
 import subprocess
 import sys
+import time
 
 import pytest
 import timm
@@ -136,6 +137,46 @@ def test_pretrained_without_network_or_cache_is_one_line(image_folder, tmp_path)
     assert "deit_tiny_patch16_224" in err and "--pretrained-file" in err
 
 
+def test_pretrained_with_the_hub_unreachable_fails_fast_or_loads_the_cached_copy(tmp_path, monkeypatch):
+    """No connection to the hub (HF_HUB_OFFLINE unset): one line at once instead of huggingface_hub's
+    back-off retries (1+2+4+8+8 s for each of two file names), and a cached copy loads as fast."""
+    import socket
+
+    from huggingface_hub import constants
+    from safetensors.torch import save_file
+
+    from engine.errors import UserError
+    from engine.model import build_pretrained
+
+    with socket.socket() as s:  # a port nothing listens on: connections are refused
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    monkeypatch.setattr(constants, "ENDPOINT", f"http://127.0.0.1:{port}")
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    monkeypatch.setattr(constants, "HF_HUB_CACHE", str(tmp_path / "hub"))
+    monkeypatch.delenv("http_proxy", raising=False)
+    monkeypatch.delenv("HTTP_PROXY", raising=False)
+    kwargs = dict(TINY)
+    start = time.monotonic()
+    with pytest.raises(UserError, match=r"^cannot load pretrained weights for deit_tiny_patch16_224 from timm's "
+                                        r"source: the Hugging Face hub is offline .* holds no copy; --pretrained-file"):
+        build_pretrained("deit_tiny_patch16_224", **kwargs)
+    assert time.monotonic() - start < 20
+
+    model = timm.create_model("deit_tiny_patch16_224", **kwargs)
+    revision = "0" * 40
+    repo = tmp_path / "hub" / "models--timm--deit_tiny_patch16_224.fb_in1k"
+    (repo / "snapshots" / revision).mkdir(parents=True)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(revision)
+    save_file(model.state_dict(), str(repo / "snapshots" / revision / "model.safetensors"))
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)  # the hub is probed again
+    start = time.monotonic()
+    loaded = build_pretrained("deit_tiny_patch16_224", **kwargs)
+    assert time.monotonic() - start < 20
+    torch.testing.assert_close(loaded.state_dict(), model.state_dict(), rtol=0, atol=0)
+
+
 def _deit_main_checkpoint(model, ema_model):
     """A checkpoint as DeiT's main.py writes it: its seven entries, args an argparse.Namespace."""
     optimizer = torch.optim.AdamW(model.parameters(), lr=5e-4)
@@ -163,6 +204,20 @@ def test_deit_main_checkpoint_evaluates_with_and_without_ema(image_folder, tmp_p
         assert (res["loss"], res["top1"], res["use_ema"]) == (want["loss"], want["top1"], bool(flags))
     losses = [json.loads((tmp_path / f"r{i}.json").read_text())["loss"] for i in (0, 1)]
     assert losses[0] != losses[1]
+
+
+@pytest.mark.parametrize("kind", ["deit_main_without_ema", "bare_state_dict"])
+def test_use_ema_on_a_checkpoint_without_ema_is_one_line(image_folder, tmp_path, capsys, kind):
+    model = tiny_timm("deit_tiny_patch16_224")
+    ckpt = _deit_main_checkpoint(model, model)
+    del ckpt["model_ema"]  # DeiT's main.py without --model-ema
+    path = tmp_path / f"{kind}.pth"
+    torch.save(ckpt if kind == "deit_main_without_ema" else model.state_dict(), path)
+    capsys.readouterr()
+    assert run_eval("--checkpoint", path, "--model", "deit_tiny_patch16_224", "--use-ema", "--data-root",
+                    image_folder, *TINY_ARGS) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == f"eval.py: error: {path}: checkpoint has no EMA weights ('model_ema' is missing or empty)"
 
 
 class _WritesAFile:
@@ -204,6 +259,13 @@ def test_class_token_checkpoint_into_a_gap_model(image_folder, tmp_path, capsys)
     err = capsys.readouterr().err.strip()
     assert len(err.splitlines()) == 1 and "class-token model (cls_token, dist_token)" in err
     assert "--model deit_tiny_distilled_patch16_224 " in err
+    # in a class-token model without the distillation token: that is what it lacks
+    assert run_eval("--checkpoint", path, "--model", "deit_tiny_patch16_224", "--data-root", image_folder,
+                    *TINY_ARGS) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "no class token" not in err
+    assert ("it has a class token and a distillation token (cls_token, dist_token), this model a class token "
+            "(cls_token)") in err and "--model deit_tiny_distilled_patch16_224 " in err
     # the advice, followed (this tiny model's head count filled in), evaluates it
     advice = err.split("--model ", 1)[1].split(" (model.init_checkpoint")[0].replace("<its heads>", "3").split()
     assert run_eval("--checkpoint", path, "--model", *advice, "--data-root", image_folder, "--workers", 0,

@@ -9,6 +9,7 @@ import sys
 import pytest
 import yaml
 
+from engine.logger import call_end, call_start
 from helpers import ROOT
 
 
@@ -129,3 +130,46 @@ def test_bad_input_is_one_line(tmp_path, capsys):
     (tmp_path / "empty").mkdir()
     assert report.main([str(tmp_path / "empty")]) == 2
     assert "holds no run directory" in capsys.readouterr().err
+
+
+def test_failed_runs_are_listed_as_failed_and_unreadable_logs_are_said(sweep_dir, capsys):
+    """A run whose last train.py call failed (the sweep's train.log ends with its exit status, or in
+    logs of older sweeps with its error line) is 'failed', not 'not started'; a log.jsonl that cannot
+    be read is said on the console, and a finished run with one is not counted as 0 epochs."""
+    seed2 = sweep_dir / "b" / "seed2"
+    seed2.mkdir()
+    (seed2 / "train.log").write_text(
+        call_start(["python", "train.py"]) + "run dir b/seed2 | world size 1\n"
+        + "train.py: error: train.output_dir b/seed2 is in use by another training run (PID 7 on vm)\n"
+        + "epoch 0 12/40 loss 2.03 (the other run, in the same log)\n" + call_end(2))
+    interrupted = sweep_dir / "b" / "seed1"
+    (interrupted / "train.log").write_text(call_start(["python", "train.py"]) + "epoch 1 3/10\n" + call_end(75))
+    older = sweep_dir / "c" / "seed0"
+    older.mkdir(parents=True)
+    (older / "train.log").write_text("=== 2024-01-01T00:00:00 python train.py\n"
+                                     "train.py: error: data.root: dataset directory /x/val does not exist\n")
+    unreadable = sweep_dir / "a" / "seed1"
+    (unreadable / "log.jsonl").write_bytes(b"\x00\xff" * 64 + b"\n")
+    middle = sweep_dir / "a" / "seed2"
+    rows = (middle / "log.jsonl").read_text().splitlines()
+    (middle / "log.jsonl").write_text("\n".join([rows[0], "{not json", *rows[1:]]) + "\n")
+    manifest = json.loads((sweep_dir / "sweep.json").read_text())
+    manifest["runs"].append({"variant": "c", "seed": 0, "run_dir": "c/seed0"})
+    (sweep_dir / "sweep.json").write_text(json.dumps(manifest))
+
+    capsys.readouterr()
+    assert report.main([str(sweep_dir)]) == 0
+    err = capsys.readouterr().err.splitlines()
+    states = {k: r["state"] for k, r in read_csv(sweep_dir / "runs.csv").items()}
+    assert states["b/2"] == "failed (train.py exit 2)" and states["c/0"] == "failed (train.py failed)"
+    assert states["b/1"] == "1 of 3 epochs" and states["a/1"] == "log.jsonl unreadable"
+    assert states["a/2"] == "finished"  # one bad line skipped, said below
+    assert f"report.py: warning: {seed2}: train.py exit 2: train.py: error: train.output_dir b/seed2 is in use by " \
+           f"another training run (PID 7 on vm) (log: {seed2 / 'train.log'})" in err
+    assert f"report.py: warning: {unreadable / 'log.jsonl'}: 1 line(s) are not JSON records (line 1), skipped" in err
+    assert f"report.py: warning: {middle / 'log.jsonl'}: 1 line(s) are not JSON records (line 2), skipped" in err
+    assert any(line.startswith(f"report.py: warning: {older}: train.py failed: train.py: error: data.root")
+               for line in err)
+    rows = read_csv(sweep_dir / "report.csv")
+    assert rows["a"]["seeds"] == "2" and rows["a"]["unfinished"] == "seed 1: log.jsonl unreadable"
+    assert rows["b"]["unfinished"] == "seed 1: 1 of 3 epochs, seed 2: failed (train.py exit 2)"

@@ -5,6 +5,8 @@ import importlib.util
 import json
 import os
 import pickle
+import re
+import shlex
 import signal
 import subprocess
 import sys
@@ -305,3 +307,62 @@ def test_slurm_job_saves_on_preemption_and_its_requeue_resumes(fake_fmnist, tmp_
     assert log_rows(run.run_dir)[:len(saved)] == saved
     assert [r["epoch"] for r in log_rows(run.run_dir)] == list(range(epochs))
     assert os.path.exists(os.path.join(run.run_dir, "eval.json"))
+
+
+@pytest.mark.parametrize("where, problem", [("a_file", "is not a directory"),
+                                            ("a_file/below", "cannot be written")])
+def test_an_output_dir_that_cannot_be_one_is_one_line(tmp_path, capsys, where, problem):
+    (tmp_path / "a_file").write_text("not a directory")
+    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], [], output_dir=str(tmp_path / where))
+    assert sweep.main([path]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"sweep.py: error: {path}: output_dir: {tmp_path / where} {problem}")
+    assert err.count("\n") == 1 and (tmp_path / "a_file").read_text() == "not a directory"
+
+
+def test_slurm_launcher_without_slurm_is_one_line_and_writes_nothing(tmp_path, monkeypatch, capsys):
+    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], [])
+    bin_dir = tmp_path / "bin"  # a PATH with python but neither sbatch nor srun
+    bin_dir.mkdir()
+    monkeypatch.setenv("PATH", str(bin_dir))
+    assert sweep.main([path, "--launcher", "slurm"]) == 2
+    err = capsys.readouterr().err
+    assert err == ("sweep.py: error: --launcher slurm: no SLURM on this machine (sbatch and srun not found on PATH); "
+                   "run the sweep on a login node of the cluster, or use --launcher local\n")
+    assert not (tmp_path / "out").exists()
+
+
+def test_a_failed_call_is_explained_by_its_own_lines_of_a_shared_log(tmp_path):
+    """Another process (the other sweep's train.py) writes into the same train.log: the failure is
+    explained by the call's own error line, not by the last line of the file."""
+    log = tmp_path / "train.log"
+    log.write_text("train.py: error: an earlier call's failure\nepoch 0 5/40 loss 2.1 (the other run)\n")
+    child = ("import sys; print('train.py: error: train.output_dir x is in use by another training run', flush=True);"
+             f"open({str(log)!r}, 'a').write('epoch 0 6/40 loss 2.0 (the other run)\\n'); sys.exit(2)")
+    rc, why = sweep.RunJob()._run_child([sys.executable, "-c", child], str(log), dict(os.environ))
+    assert (rc, why) == (2, "train.py: error: train.output_dir x is in use by another training run")
+    lines = log.read_text().splitlines()
+    assert lines[2].startswith("=== ") and lines[2].endswith(" -c " + shlex.quote(child))
+    assert re.fullmatch(r"=== \S+ exit 2", lines[-1])
+    rc, why = sweep.RunJob()._run_child([sys.executable, "-c", "print('done')"], str(log), dict(os.environ))
+    assert (rc, why) == (0, "done")
+
+
+@pytest.mark.slow
+def test_a_second_sweep_on_the_same_output_dir_reports_the_lock(fake_fmnist, tmp_path):
+    path = write_sweep(tmp_path, {"mm": MULTIMAX}, [0], tiny(fake_fmnist, 100))  # stopped long before the end
+    run_dir = tmp_path / "out" / "mm" / "seed0"
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    first = subprocess.Popen([sys.executable, SWEEP_PY, path], cwd=tmp_path, env=env, stdout=subprocess.PIPE,
+                             stderr=subprocess.STDOUT, text=True, start_new_session=True)
+    try:
+        wait_for(lambda: (run_dir / "log.jsonl").exists() and len(log_rows(run_dir)) >= 1)
+        second = run_sweep(path, cwd=tmp_path)
+        os.killpg(first.pid, signal.SIGINT)
+        first.communicate(timeout=120)
+    finally:
+        if first.poll() is None:
+            first.kill()
+    assert second.returncode == 1, second.stdout + second.stderr
+    assert re.search(r"failed: mm/seed0: train\.py exit 2: train\.py: error: train\.output_dir \S+ is in use by "
+                     r"another training run \(PID \d+", second.stdout), second.stdout

@@ -107,28 +107,42 @@ def test_class_token_grid_is_resampled_as_timm_resamples_it():
         load_weights(gap, {"model": deit.state_dict()}, strict=True)
 
 
-def test_init_checkpoint_from_a_url_is_downloaded_once_and_hash_checked(tmp_path, monkeypatch, capsys):
+def test_init_checkpoint_urls_are_cached_per_url_hash_checked_and_refusals_leave_nothing(
+        tmp_path, monkeypatch, capsys, http_server):
+    base, served = http_server
     monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch_home"))
+    cache = tmp_path / "torch_home" / "hub" / "checkpoints"
     torch.manual_seed(0)
     cfg = ModelConfig(name="vit_micro_gap_patch7_28", kwargs={"depth": 1})
     src = build_model(cfg, 10, 1)
     release = tmp_path / "release.pth"
     torch.save({"model": src.state_dict()}, release)
     digest = hashlib.sha256(release.read_bytes()).hexdigest()
-    named = tmp_path / f"micro-{digest[:8]}.pth"  # DeiT's naming: the hash prefix is checked
-    shutil.copy(release, named)
-    model = build_model(dataclasses.replace(cfg, init_checkpoint=named.as_uri()), 10, 1)
+    name = f"micro-{digest[:8]}.pth"  # DeiT's naming: the hash prefix is checked
+    shutil.copy(release, served / name)
+    model = build_model(dataclasses.replace(cfg, init_checkpoint=f"{base}/{name}"), 10, 1)
     assert torch.equal(model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
-    cached = tmp_path / "torch_home" / "hub" / "checkpoints" / named.name
-    assert cached.is_file() and "every key as it is" in capsys.readouterr().out
-    named.unlink()  # the cached copy serves the next run
-    build_model(dataclasses.replace(cfg, init_checkpoint=named.as_uri()), 10, 1)
+    assert "every key as it is" in capsys.readouterr().out
+    (cached,) = cache.glob(f"*/{name}")  # in a folder of its URL's own
+    (served / name).unlink()  # the cached copy serves the next run
+    build_model(dataclasses.replace(cfg, init_checkpoint=f"{base}/{name}"), 10, 1)
 
-    wrong = tmp_path / "micro-00000000.pth"
-    shutil.copy(release, wrong)
-    with pytest.raises(UserError, match=r"model.init_checkpoint: cannot download file://.*micro-00000000.pth"):
-        build_model(dataclasses.replace(cfg, init_checkpoint=wrong.as_uri()), 10, 1)
-    assert not (tmp_path / "torch_home" / "hub" / "checkpoints" / wrong.name).exists()
+    # a file URL is read in place, its name's hash checked too
+    shutil.copy(release, tmp_path / name)
+    build_model(dataclasses.replace(cfg, init_checkpoint=(tmp_path / name).as_uri()), 10, 1)
+    shutil.copy(release, tmp_path / "micro-00000000.pth")
+    with pytest.raises(UserError, match=r"model.init_checkpoint: file://.*micro-00000000.pth: the file's SHA-256"):
+        build_model(dataclasses.replace(cfg, init_checkpoint=(tmp_path / "micro-00000000.pth").as_uri()), 10, 1)
+
+    # refused downloads leave nothing behind: a wrong hash, a page that is no checkpoint, a missing file
+    shutil.copy(release, served / "micro-00000000.pth")
+    (served / "login.pth").write_text("<html>sign in to download</html>")
+    for url, reason in ((f"{base}/micro-00000000.pth", r"cannot download .*micro-00000000.pth: RuntimeError: invalid hash"),
+                        (f"{base}/login.pth", r".*login.pth is truncated or not a PyTorch checkpoint .*nothing was kept"),
+                        (f"{base}/gone.pth", r"cannot download .*gone.pth: HTTPError: HTTP Error 404")):
+        with pytest.raises(UserError, match=f"model.init_checkpoint: {reason}"):
+            build_model(dataclasses.replace(cfg, init_checkpoint=url), 10, 1)
+    assert set(cache.rglob("*")) == {cached.parent, cached}
 
 
 def test_finetune_presets_start_from_released_and_224_weights(tmp_path, capsys):
