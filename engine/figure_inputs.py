@@ -91,9 +91,10 @@ def attention_kind(model: nn.Module) -> str:
 
 
 def short_path(path: str) -> str:
-    """'runs/quickstart/best.pth' → 'quickstart/best.pth' (the run directory names the model)."""
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return os.path.join(parent, os.path.basename(path)) if parent else os.path.basename(path)
+    """The file and its two parent folders, which name a run: 'runs/quickstart/best.pth',
+    'softmax/seed0/last.pth' of '/data/sweeps/x/softmax/seed0/last.pth'."""
+    parts = os.path.abspath(path).split(os.sep)[1:]
+    return os.path.join(*parts[-3:])
 
 
 __all__ = ["load_model", "read_image", "DatasetImage", "dataset_images", "preprocess", "attention_kind",

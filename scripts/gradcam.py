@@ -140,7 +140,7 @@ def gradcam_figure(columns: Sequence[Tuple[str, List[Panel], Optional[Sequence[s
     """One row per image: the input, then one Grad-CAM overlay per checkpoint (``columns``:
     header, its panels by image, its class names)."""
     rows, cols = len(captions), 1 + len(columns)
-    fig = Figure(figsize=(2.6 * cols + 0.2, 2.75 * rows + 0.5), layout="constrained")
+    fig = Figure(figsize=(2.9 * cols + 0.3, 2.9 * rows + 0.6), layout="constrained")
     FigureCanvasAgg(fig)
     axes = fig.subplots(rows, cols, squeeze=False)
     for r, caption in enumerate(captions):
@@ -152,10 +152,10 @@ def gradcam_figure(columns: Sequence[Tuple[str, List[Panel], Optional[Sequence[s
             ax = axes[r, c]
             _show(ax, p.image)
             shown = ax.imshow(p.cam, cmap="jet", alpha=0.5, vmin=0, vmax=1, interpolation="bilinear")
-            predicted = "" if p.predicted == p.target else f"; predicts {_class_name(p.predicted, classes)}"
+            predicted = "" if p.predicted == p.target else f"\npredicts {_class_name(p.predicted, classes)}"
             text = f"target {_class_name(p.target, classes)}, p={p.probability:.2f}{predicted}"
             ax.set_title(f"{header}\n{text}" if r == 0 else text, fontsize=7)
-    fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=min(0.9, 0.35 * rows), aspect=30,
+    fig.colorbar(shown, ax=axes[:, -1].tolist(), shrink=0.8 / rows, aspect=20,
                  label="Grad-CAM (each map scaled to 0–1)")
     if title:
         fig.suptitle(title, fontsize=9)
@@ -215,7 +215,9 @@ def run(args: argparse.Namespace) -> List[str]:
             samples = dataset_images(cfg, args.dataset_index)
             images, captions = [s.image for s in samples], [s.caption for s in samples]
             labels, data_classes = [s.label for s in samples], samples[0].classes
-        header = f"{short_path(path)}{' (EMA)' if args.use_ema else ''}\n{cfg.model.name}, {attention_kind(model)}"
+        output = ", MultiMax output" if getattr(model, "out_modulator", None) is not None else ""
+        header = (f"{short_path(path)}{' (EMA)' if args.use_ema else ''}\n{cfg.model.name}\n"
+                  f"{attention_kind(model)} attention{output}")
         panels = checkpoint_panels(model, cfg, images, labels, args.target, args.block, path)
         columns.append((header, panels, classes or data_classes))
     title = f"Grad-CAM at blocks[{args.block}].norm1 (the input of that block's attention), target: {args.target}"

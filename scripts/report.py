@@ -267,7 +267,8 @@ def _unfinished_text(row: Dict[str, Any]) -> str:
 
 
 def _unevaluated_text(row: Dict[str, Any], results: Sequence[RunResult]) -> str:
-    """Finished runs of the variant without attention statistics (their S, M are not in the means)."""
+    """Finished runs of the variant without attention statistics (their S, M are not in the means),
+    or, where other runs have it, without the patch similarity."""
     runs = [r for r in results if r.variant == row["variant"] and r.finished]
     text = "".join(f", seed {r.seed}: no eval.json (S, M)" for r in runs if "sparsity" not in r.values)
     if _blocks(results):
@@ -407,7 +408,7 @@ def figures(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_d
                                 alpha=0.15)
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))
         written += _finish(ax, "block (depth)", "patch similarity (mean pairwise cosine)", "patch tokens after each "
-                           "block: mean over the finished seeds (their number), band: ± std",
+                           "block: mean over seeds (their number), band: ± std",
                            os.path.join(out_dir, "patch_similarity.png"))
     return written
 

@@ -102,7 +102,8 @@ def test_figure_from_dataset_images_names_models_and_targets(files, fake_fmnist,
     axes = drawn["fig"].axes[:6]  # 2 images x (input, mm, vit); the colour bar follows
     titles = [ax.get_title() for ax in axes]
     assert "image 0, class" in titles[0] and "image 3, class" in titles[3]
-    assert "vit_micro_multimax_patch7_28, multimax" in titles[1] and "vit_tiny_patch16_224, softmax" in titles[2]
+    assert "vit_micro_multimax_patch7_28\nmultimax attention, MultiMax output" in titles[1]
+    assert "vit_tiny_patch16_224\nsoftmax attention\n" in titles[2]
     label = int(titles[0].split("class ")[1].split()[0])
     assert f"target {label} (c{label})" in titles[1] and f"target {label} (c{label})" in titles[2]
     overlays = [ax.get_images()[-1].get_array() for ax in axes[1:3]]
