@@ -1,6 +1,7 @@
 #!/usr/bin/env python
 """Evaluate checkpoints exactly: top-1/top-5/loss over the whole split, throughput, peak memory,
-and (``--attn-stats``) the paper's attention statistics per layer and head.
+(``--attn-stats``) the paper's attention statistics per layer and head, and
+(``--patch-similarity``) the mean pairwise cosine similarity of the patch tokens after each block.
 
     python eval.py --checkpoint runs/deit_small_multimax/best.pth --data-root /data/imagenet
     python eval.py --checkpoint paper_ckpt.pth --model deit_small_multimax_patch16_224 --data-root /data/imagenet
@@ -27,6 +28,7 @@ Trailing ``key=value`` arguments override the config as in train.py.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import csv
 import json
 import math
@@ -100,6 +102,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--stats-eps", type=float, default=0.0, help="ε of the paper's S/M definitions")
     p.add_argument("--stats-s", type=float, default=None,
                    help="reference value s of the sparsity S (default: min of softmax(x), the paper's)")
+    p.add_argument("--patch-similarity", action="store_true",
+                   help="per block, the mean pairwise cosine similarity of the patch tokens (over-smoothing)")
     p.add_argument("--output", help="JSON file, or a directory for the results (default: next to the checkpoint, "
                                     "<name>.<model>.<dataset>-<split>.<size>px.eval.json)")
     p.add_argument("--csv", help="CSV to append a row to (default: eval_results.csv next to the results)")
@@ -324,9 +328,16 @@ def evaluate_source(src: Source, args: argparse.Namespace,
             raise UserError(f"--attn-stats: {cfg.model.name} has no attention layer it can record "
                             "(timm's Attention or MultiMaxAttention)")
         stats = AttentionStats(eps=args.stats_eps, s=args.stats_s, model=model)
+    similarity = None
+    if args.patch_similarity:
+        from engine.patch_similarity import PatchSimilarity
+
+        if not models.transformer_blocks(model):
+            raise UserError(f"--patch-similarity: {cfg.model.name} has no transformer blocks (model.blocks)")
+        similarity = PatchSimilarity(model)
     dist.barrier()
     start = time.perf_counter()
-    metrics = _run(model, loader, info, cfg.train.amp, stats, args.attn_stats_batches)
+    metrics = _run(model, loader, info, cfg.train.amp, stats, args.attn_stats_batches, similarity)
     seconds = time.perf_counter() - start
     result: Dict[str, Any] = {
         "top1": metrics["top1"], "top5": metrics["top5"], "loss": metrics["loss"],
@@ -351,26 +362,38 @@ def evaluate_source(src: Source, args: argparse.Namespace,
     }
     if stats is not None:
         result["attn_stats"] = stats.summary(model)
+    if similarity is not None:
+        result["patch_similarity"] = similarity.summary()
     return result, info
 
 
-def _run(model, loader, info, amp, stats, stats_batches):
-    """``evaluate`` over the loader; with statistics, each batch's attention is recorded,
-    reduced into ``stats`` and dropped."""
-    if stats is None:
+def _run(model, loader, info, amp, stats, stats_batches, similarity=None):
+    """``evaluate`` over the loader; with statistics, each batch's attention (the first
+    ``stats_batches``) and block outputs (every batch) are recorded, reduced into ``stats`` and
+    ``similarity`` and dropped."""
+    if stats is None and similarity is None:
         return evaluate(model, loader, info, amp)
     batches = {"n": 0}
 
-    with models.record_attention(model, scores=True) as record:
+    with contextlib.ExitStack() as recording:
+        record = recording.enter_context(models.record_attention(model, scores=True)) if stats else None
+        tokens = recording.enter_context(models.record_block_outputs(model)) if similarity else None
+
         def on_batch():
-            if stats_batches is None or batches["n"] < stats_batches:
-                stats.update(record)
+            if record is not None:
+                if stats_batches is None or batches["n"] < stats_batches:
+                    stats.update(record)
+                record.probs.clear()
+                record.scores.clear()
+            if tokens is not None:
+                similarity.update(tokens)
+                tokens.tokens.clear()
             batches["n"] += 1
-            record.probs.clear()
-            record.scores.clear()
 
         metrics = evaluate(model, loader, info, amp, on_batch=on_batch)
-    stats.reduce(lambda t: dist.all_reduce_sum(t.to(info.device)).cpu())
+    for reduced in (stats, similarity):
+        if reduced is not None:
+            reduced.reduce(lambda t: dist.all_reduce_sum(t.to(info.device)).cpu())
     return metrics
 
 

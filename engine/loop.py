@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import math
 from dataclasses import dataclass
-from typing import Any, Callable, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 import torch.nn as nn
@@ -24,6 +24,7 @@ from timm.utils import unwrap_model
 from . import distributed as dist
 from .checkpoint import restore_rng_state
 from .logger import Progress
+from .optim import clip_groups
 from .signals import shielded_batches
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -145,8 +146,9 @@ class Trainer:
         self.model, self.optimizer, self.criterion, self.lr_schedule = model, optimizer, criterion, lr_schedule
         self.state, self.info, self.opts = state, info, opts
         self.scaler, self.ema, self.mixup_fn = scaler, ema, mixup_fn
-        self.params = list(model.parameters())  # the model's order: the norm's float32 sum depends on it
         self.module = unwrap_model(model)  # without DDP / torch.compile: what the EMA follows
+        # without clipping one group in the model's order (the norm's float32 sum depends on it)
+        self.grad_groups = clip_groups(self.module) if opts.clip_grad else [list(model.parameters())]
         self.fused = any(group.get("fused") for group in optimizer.param_groups)
         self.lr = lr_schedule(state.step)
 
@@ -208,7 +210,7 @@ class Trainer:
         mean_loss = dist.all_reduce_sum(loss.double().reshape(1))[0] / self.info.world_size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = grad_norm_(self.params, self.opts.clip_grad)
+        grad_norm = grad_norm_(self.grad_groups, self.opts.clip_grad)
         loss_ok, grads_ok = torch.isfinite(mean_loss), torch.isfinite(grad_norm)
         good = loss_ok & grads_ok
         # fp16: non-finite gradients of a finite loss are the GradScaler's overflow, a skipped step
@@ -271,13 +273,16 @@ def _replay(batches: Iterator, skip: int, rng: Optional[Dict[str, Any]]) -> Iter
     return batches
 
 
-def grad_norm_(params: List[torch.Tensor], clip: Optional[float]) -> torch.Tensor:
-    """The L2 norm of all gradients, on the device, from foreach kernels; with ``clip`` the
-    gradients are scaled down to that norm in place."""
-    grads = [p.grad for p in params if p.grad is not None]
-    if clip:
-        return torch.nn.utils.clip_grad_norm_(grads, clip, foreach=True)
-    return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+def grad_norm_(groups: Sequence[Sequence[torch.Tensor]], clip: Optional[float]) -> torch.Tensor:
+    """The L2 norm of the gradients of all parameters in ``groups``, on the device, from foreach
+    kernels; with ``clip`` each group's gradients are scaled down in place to that norm on their
+    own (``engine.optim.clip_groups``: the modulators apart from the rest)."""
+    if not clip:
+        grads = [p.grad for group in groups for p in group if p.grad is not None]
+        return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
+    with_grads = [[p for p in group if p.grad is not None] for group in groups]
+    norms = [torch.nn.utils.clip_grad_norm_(group, clip, foreach=True) for group in with_grads if group]
+    return torch.linalg.vector_norm(torch.stack(norms))
 
 
 @torch.no_grad()

@@ -5,6 +5,9 @@ Weight decay applies to matrices and convolution kernels only: every 1-D paramet
 LayerNorm scales, every SegLU ``ranges``/``ts``) and the names the model lists in
 ``no_weight_decay()`` (``pos_embed``) go to the no-decay group.
 
+Gradient clipping (``optim.clip_grad``) clips two groups on their own (``clip_groups``): the
+network's parameters, and the SegLU modulators'.
+
 AdamW runs fused where torch has the kernel for the parameters (floating point on CPU and CUDA):
 one pass over all parameters instead of a handful of ops per parameter tensor, and a step whose
 gradients are not finite is skipped on the device (``found_inf``), so the loop never waits for
@@ -18,6 +21,8 @@ from typing import Dict, List, Union
 
 import torch
 import torch.nn as nn
+
+from models.multimax import modulators
 
 from .config import OptimConfig
 from .errors import UserError
@@ -37,6 +42,23 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
         {"name": "decay", "params": decay[1], "param_names": decay[0], "weight_decay": weight_decay},
         {"name": "no_decay", "params": no_decay[1], "param_names": no_decay[0], "weight_decay": 0.0},
     ]
+
+
+def clip_groups(model: nn.Module) -> List[List[nn.Parameter]]:
+    """The groups ``optim.clip_grad`` clips, each to the norm on its own (``engine.loop.grad_norm_``):
+    the trainable parameters that are not in a SegLU, then those of every SegLU (attention and
+    output modulators), each in the model's order; an empty group is left out.
+
+    Why their own group rather than scaling them by 1/sqrt(classes): the output σ's few scalars
+    see the gradient summed over every class (its norm grows like sqrt(classes), and like classes
+    where the classes' gradients agree), the attention σ's over every score of every head, row and
+    image; in one global norm they set the clip factor of the whole backbone. Their own group
+    bounds them whatever the class count, sequence length or training state, and leaves the
+    backbone's clipping exactly what it would be without modulators."""
+    own = {id(p) for m in modulators(model).values() for p in m.parameters()}
+    params = [p for p in model.parameters() if p.requires_grad]
+    groups = [[p for p in params if id(p) not in own], [p for p in params if id(p) in own]]
+    return [g for g in groups if g]
 
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:

@@ -5,14 +5,17 @@ from .multimax import (
     NORMALIZERS, SegLU, build_normalizer, entmax15, evsoftmax, modulators, multimax, seglu,
     softmax, sparsemax,
 )
-from .recording import AttentionRecord, attention_layers, record_attention
+from .recording import (
+    AttentionRecord, TokenRecord, attention_layers, record_attention, record_block_outputs, transformer_blocks,
+)
 from .vision_transformer import MultiMaxVisionTransformer
 from .weights import (
     CheckpointMismatchError, CheckpointReadError, LoadResult, infer_model_kwargs, load_weights, read_checkpoint,
 )
 
 __all__ = [
-    "choices", "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "NORMALIZERS", "SegLU",
+    "choices", "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "TokenRecord",
+    "record_block_outputs", "transformer_blocks", "NORMALIZERS", "SegLU",
     "build_normalizer", "entmax15", "evsoftmax", "modulators", "multimax", "seglu", "softmax",
     "sparsemax", "MultiMaxVisionTransformer", "CheckpointMismatchError", "CheckpointReadError", "LoadResult",
     "infer_model_kwargs", "load_weights", "read_checkpoint",

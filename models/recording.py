@@ -11,6 +11,12 @@ layer's ``fused_attn`` is switched off (so SDPA / flex / fused kernels step asid
 probabilities exist) and forward hooks read q and k from ``q_norm``/``k_norm`` and the
 probabilities from ``attn_drop``'s input; the scores are recomputed from q and k with the
 layer's own ops. Outside the block nothing is kept and the layers run as before.
+
+The tokens after each transformer block, likewise on request (a forward hook on each block):
+
+    with record_block_outputs(model) as rec:
+        model(images)
+    rec.tokens["blocks.0"][0]        # (B, N, C); the first rec.prefix_tokens are class/distillation tokens
 """
 from __future__ import annotations
 
@@ -92,4 +98,46 @@ def _hooks(name: str, layer: nn.Module, record: AttentionRecord, scores: bool) -
             layer.attn_drop.register_forward_pre_hook(on_probs)]
 
 
-__all__ = ["AttentionRecord", "RECORDABLE", "attention_layers", "record_attention"]
+@dataclass
+class TokenRecord:
+    """What ``record_block_outputs`` collected: per transformer block (module name), a list with one
+    entry per forward of its output tokens (B, N, C), of which the first ``prefix_tokens`` are class,
+    distillation or register tokens (timm's ``num_prefix_tokens``; 0 for our GAP models)."""
+
+    prefix_tokens: int = 0
+    tokens: Dict[str, List[torch.Tensor]] = field(default_factory=dict)
+
+
+def transformer_blocks(model: nn.Module) -> List[Tuple[str, nn.Module]]:
+    """The (name, module) pairs ``record_block_outputs`` records: the items of ``model.blocks``
+    (timm's ViT/DeiT and ours), in order; empty for a model without them."""
+    blocks = getattr(model, "blocks", None)
+    if not isinstance(blocks, (nn.Sequential, nn.ModuleList)):
+        return []
+    return [(f"blocks.{i}", block) for i, block in enumerate(blocks)]
+
+
+@contextlib.contextmanager
+def record_block_outputs(model: nn.Module) -> Iterator[TokenRecord]:
+    """Collect the output tokens of every transformer block of ``model`` (``transformer_blocks``),
+    detached, for the forwards inside the block. Raises ValueError if the model has no blocks."""
+    blocks = transformer_blocks(model)
+    if not blocks:
+        raise ValueError(f"{type(model).__name__} has no transformer blocks to record (model.blocks)")
+    record = TokenRecord(int(getattr(model, "num_prefix_tokens", 0)))
+
+    def keep(name: str):
+        def hook(module, args, out):
+            record.tokens.setdefault(name, []).append(out.detach())
+        return hook
+
+    handles = [block.register_forward_hook(keep(name)) for name, block in blocks]
+    try:
+        yield record
+    finally:
+        for handle in handles:
+            handle.remove()
+
+
+__all__ = ["AttentionRecord", "RECORDABLE", "attention_layers", "record_attention", "TokenRecord",
+           "transformer_blocks", "record_block_outputs"]

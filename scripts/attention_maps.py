@@ -38,15 +38,14 @@ import torch.nn as nn  # noqa: E402
 from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 from matplotlib.patches import Rectangle  # noqa: E402
-from PIL import Image, UnidentifiedImageError  # noqa: E402
+from PIL import Image  # noqa: E402
 
 import models  # noqa: E402
-from data.datasets import create_dataset, normalization, take_subset  # noqa: E402
-from data.transforms import eval_transform  # noqa: E402
-from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.evaluation import EvalSpec, checkpoint_model  # noqa: E402
+from engine.figure_inputs import (  # noqa: E402
+    attention_kind, dataset_images, load_model, preprocess, read_image, short_path,
+)
 from engine.plots import figure_script_main, save_figure  # noqa: E402
 
 # ---------------------------------------------------------------- math
@@ -79,52 +78,6 @@ def query_maps(probs: Sequence[torch.Tensor], query: Tuple[int, int], grid: Tupl
 
 
 # ---------------------------------------------------------------- checkpoint, image, attention
-
-
-def load_model(path: str, model_name: Optional[str], use_ema: bool,
-               overrides: Sequence[str] = ()) -> Tuple[nn.Module, Config]:
-    """The model (eval mode, CPU) and config of any checkpoint, resolved and loaded as eval.py
-    does (classes and input channels read off the weights, so no dataset is needed)."""
-    spec = EvalSpec(model=model_name, use_ema=use_ema, overrides=list(overrides))
-    model, cfg, _, _ = checkpoint_model(spec, load_checkpoint(path), path)
-    return model.eval(), cfg
-
-
-def read_image(path: str) -> Image.Image:
-    """A PNG/JPEG/... file as a PIL image; a missing or unreadable file is a UserError."""
-    if not os.path.isfile(path):
-        raise UserError(f"--image: {path} does not exist")
-    try:
-        img = Image.open(path)
-        img.load()
-    except (OSError, UnidentifiedImageError) as e:
-        raise UserError(f"--image: cannot read {path}: {e}") from None
-    return img
-
-
-def dataset_image(cfg: Config, index: int) -> Tuple[Image.Image, str]:
-    """Image ``index`` of the configured val split (after ``data.max_val_samples``), untransformed,
-    and a caption naming it and its class."""
-    ds, info = create_dataset(cfg.data, cfg.data.val_split, training=False)
-    ds = take_subset(ds, cfg.data.max_val_samples)
-    if not 0 <= index < len(ds):
-        raise UserError(f"--dataset-index {index} is outside {cfg.data.dataset} {cfg.data.val_split} "
-                        f"(0..{len(ds) - 1})")
-    img, target = ds[index]
-    classes = info.classes
-    name = f" ({classes[target]})" if classes and 0 <= target < len(classes) else ""
-    return img, f"{cfg.data.dataset} {cfg.data.val_split} image {index}, class {target}{name}"
-
-
-def preprocess(img: Image.Image, cfg: Config, in_chans: int) -> Tuple[torch.Tensor, torch.Tensor]:
-    """(model input (1, C, S, S), the same image de-normalised in [0, 1]: (S, S) grey or (S, S, 3))."""
-    mean, std = normalization(cfg.data, in_chans)
-    if len(mean) != in_chans or len(std) != in_chans:
-        raise UserError(f"data.mean {mean} / data.std {std}: the model takes {in_chans} channel(s)")
-    d = cfg.data
-    x = eval_transform(cfg.model.img_size, d.crop_pct, d.interpolation, mean, std)(img)
-    shown = (x * torch.tensor(std)[:, None, None] + torch.tensor(mean)[:, None, None]).clamp(0, 1)
-    return x[None], shown[0] if in_chans == 1 else shown.permute(1, 2, 0)
 
 
 def record(model: nn.Module, x: torch.Tensor) -> Tuple[List[torch.Tensor], torch.Tensor]:
@@ -162,21 +115,9 @@ def model_maps(model: nn.Module, cfg: Config, image: Image.Image, query: Tuple[i
     x, shown = preprocess(image, cfg, embed.proj.weight.shape[1])
     probs, logits = record(model, x)
     grid, prefix = tuple(embed.grid_size), getattr(model, "num_prefix_tokens", 0)
-    label = f"{label}: {cfg.model.name}, {_attention_kind(model)} attention, predicts class {int(logits.argmax())}"
+    label = f"{label}: {cfg.model.name}, {attention_kind(model)} attention, predicts class {int(logits.argmax())}"
     return Maps(label, shown, query_maps(probs, query, grid, prefix), rollout_map(probs, grid, prefix).float(),
                 tuple(embed.patch_size))
-
-
-def _attention_kind(model: nn.Module) -> str:
-    """The normalizer name of the model's attention layers, e.g. 'multimax' or 'softmax' (timm's own)."""
-    names = {getattr(getattr(m, "normalizer", None), "name", "softmax") for _, m in models.attention_layers(model)}
-    return "/".join(sorted(names))
-
-
-def _short_path(path: str) -> str:
-    """'runs/quickstart/best.pth' → 'quickstart/best.pth' (the run directory names the model)."""
-    parent = os.path.basename(os.path.dirname(os.path.abspath(path)))
-    return os.path.join(parent, os.path.basename(path)) if parent else os.path.basename(path)
 
 
 # ---------------------------------------------------------------- figure
@@ -265,15 +206,16 @@ def run(args: argparse.Namespace) -> List[str]:
     checkpoints = [(args.checkpoint, args.model)] + ([(args.compare, args.compare_model)] if args.compare else [])
     panels, grids = [], []
     for path, name in checkpoints:
-        model, cfg = load_model(path, name, args.use_ema, args.overrides)
+        model, cfg, _ = load_model(path, name, args.use_ema, args.overrides)
         if image is None:  # the first checkpoint's val split; a compared model sees the same raw image
-            image, caption = dataset_image(cfg, args.dataset_index)
+            sample = dataset_images(cfg, [args.dataset_index])[0]
+            image, caption = sample.image, sample.caption
         grids.append(tuple(model.patch_embed.grid_size))
         query = patch_query(args.query, grids[-1], path)
         if grids[-1] != grids[0]:
             raise UserError(f"--compare: {path} has a {grids[-1][0]}x{grids[-1][1]} patch grid, {args.checkpoint} "
                             f"{grids[0][0]}x{grids[0][1]}: one query needs one grid")
-        label = _short_path(path) + (" (EMA)" if args.use_ema else "")
+        label = short_path(path) + (" (EMA)" if args.use_ema else "")
         panels.append(model_maps(model, cfg, image, query, label))
     return save_figure(attention_figure(panels, query, caption), args.out, args.pdf, args.dpi)
 

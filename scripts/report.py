@@ -7,13 +7,16 @@
 Per variant: the number of seeds, mean ± sample standard deviation over its finished runs of the
 final and best val top-1 / top-5 / val loss (and their EMA counterparts where the runs have an
 EMA), the attention's sparsity S and multi-modality M (overall and per layer, from each run's
-``eval.json``, eval.py --attn-stats on the final checkpoint), and the training time. Runs that
-did not finish are listed with their state and left out of every average.
+``eval.json``, eval.py --attn-stats on the final checkpoint), the patch similarity per block
+(eval.py --patch-similarity there: the mean pairwise cosine similarity of the patch tokens, which
+grows with depth as the tokens over-smooth), and the training time. Runs that did not finish are
+listed with their state and left out of every average.
 
 Writes to ``--out`` (default: the one directory given): ``report.md``, ``report.csv`` (one row
 per variant), ``runs.csv`` (one row per run), ``val_top1.png`` (val top-1 per epoch: mean and
-min–max over the seeds) and ``attention_sm.png`` (S against M of every attention layer, as in
-the paper's Figure 1, right, on trained attention).
+min–max over the seeds), ``attention_sm.png`` (S against M of every attention layer, as in
+the paper's Figure 1, right, on trained attention) and ``patch_similarity.png`` (the patch
+similarity against depth, one line per variant: the mean over seeds, band ± their std).
 
 Variants: a sweep directory's ``sweep.json`` names them; other run directories are grouped by
 name (``<variant>/seed<N>`` or ``<variant>``). Training time is Σ over epochs of the images
@@ -57,6 +60,7 @@ class RunResult:
     values: Dict[str, float] = field(default_factory=dict)   # final_/best_ metrics, sparsity, multimodality, train_min
     layers: Dict[str, Tuple[Optional[float], Optional[float]]] = field(default_factory=dict)  # layer → (S, M)
     warnings: List[str] = field(default_factory=list)  # for the console: unreadable logs, why the run failed
+    similarity: Dict[str, Optional[float]] = field(default_factory=dict)  # block → patch similarity
 
     @property
     def finished(self) -> bool:
@@ -185,13 +189,15 @@ def read_run(variant: str, seed: Optional[int], run_dir: str) -> RunResult:
 
 
 def _read_attention(result: RunResult) -> None:
-    """S and M (overall and per layer) from the run's eval.json, if it is there and newer than last.pth."""
+    """S and M (overall and per layer) and the patch similarity per block from the run's eval.json, if
+    it is there and newer than last.pth."""
     if not eval_is_current(result.run_dir):
         return
     path = os.path.join(result.run_dir, EVAL_JSON)
     try:
         with open(path) as f:
-            stats = json.load(f).get("attn_stats") or {}
+            evaluated = json.load(f)
+        stats = evaluated.get("attn_stats") or {}
         for key in ("sparsity", "multimodality"):
             value = _finite((stats.get("mean") or {}).get(key))
             if value is not None:
@@ -199,6 +205,8 @@ def _read_attention(result: RunResult) -> None:
         for layer, entry in (stats.get("layers") or {}).items():
             mean = entry.get("mean") or {}
             result.layers[layer] = (_finite(mean.get("sparsity")), _finite(mean.get("multimodality")))
+        for block, value in ((evaluated.get("patch_similarity") or {}).get("layers") or {}).items():
+            result.similarity[block] = _finite(value)
     except (OSError, ValueError, AttributeError) as e:
         raise UserError(f"{path}: unreadable eval.py result ({e})") from None
 
@@ -222,9 +230,13 @@ def _layers(results: Sequence[RunResult]) -> List[str]:
     return list(dict.fromkeys(layer for r in results for layer in r.layers))
 
 
+def _blocks(results: Sequence[RunResult]) -> List[str]:
+    return list(dict.fromkeys(block for r in results for block in r.similarity))
+
+
 def summarise(variants: Sequence[str], results: Sequence[RunResult]) -> List[Dict[str, Any]]:
     """One dict per variant: seeds, unfinished runs, and (mean, std) of every column over finished runs."""
-    columns, layers = _columns(results), _layers(results)
+    columns, layers, blocks = _columns(results), _layers(results), _blocks(results)
     table = []
     for variant in variants:
         runs = [r for r in results if r.variant == variant]
@@ -237,6 +249,9 @@ def summarise(variants: Sequence[str], results: Sequence[RunResult]) -> List[Dic
             for i, stat in enumerate(("sparsity", "multimodality")):
                 values = [r.layers[layer][i] for r in done if layer in r.layers and r.layers[layer][i] is not None]
                 row[f"{stat}[{layer}]"] = mean_std(values)
+        for block in blocks:
+            row[f"patch_similarity[{block}]"] = mean_std(
+                [r.similarity[block] for r in done if r.similarity.get(block) is not None])
         table.append(row)
     return table
 
@@ -275,9 +290,14 @@ def _unfinished_text(row: Dict[str, Any]) -> str:
 
 
 def _unevaluated_text(row: Dict[str, Any], results: Sequence[RunResult]) -> str:
-    """Finished runs of the variant without attention statistics (their S, M are not in the means)."""
-    missing = [r for r in results if r.variant == row["variant"] and r.finished and "sparsity" not in r.values]
-    return "".join(f", seed {r.seed}: no eval.json (S, M)" for r in missing)
+    """Finished runs of the variant without attention statistics (their S, M are not in the means),
+    or, where other runs have it, without the patch similarity."""
+    runs = [r for r in results if r.variant == row["variant"] and r.finished]
+    text = "".join(f", seed {r.seed}: no eval.json (S, M)" for r in runs if "sparsity" not in r.values)
+    if _blocks(results):
+        text += "".join(f", seed {r.seed}: no patch similarity" for r in runs
+                        if "sparsity" in r.values and not r.similarity)
+    return text
 
 
 def markdown(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], sources: Sequence[str]) -> str:
@@ -302,13 +322,23 @@ def markdown(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], sour
         out.write("| " + " | ".join(head) + " |\n| " + " | ".join("---" for _ in head) + " |\n")
         for row in table:
             out.write("| " + " | ".join([row["variant"], *(fmt(row[f"{stat}[{l}]"], 4) for l in layers)]) + " |\n")
+    blocks = _blocks(results)
+    if blocks:
+        out.write("\n### Patch similarity per block\n\nThe mean pairwise cosine similarity of the patch tokens after "
+                  "each block (eval.py --patch-similarity), mean ± std over seeds.\n\n")
+        head = ["variant", *blocks]
+        out.write("| " + " | ".join(head) + " |\n| " + " | ".join("---" for _ in head) + " |\n")
+        for row in table:
+            out.write("| " + " | ".join([row["variant"], *(fmt(row[f"patch_similarity[{b}]"], 4) for b in blocks)])
+                      + " |\n")
     return out.getvalue()
 
 
 def write_csvs(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_dir: str) -> List[str]:
-    columns, layers = _columns(results), _layers(results)
+    columns, layers, blocks = _columns(results), _layers(results), _blocks(results)
     per_variant = os.path.join(out_dir, "report.csv")
     stats = columns + [f"{s}[{l}]" for l in layers for s in ("sparsity", "multimodality")]
+    stats += [f"patch_similarity[{b}]" for b in blocks]
     with open(per_variant, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["variant", "seeds", "unfinished", *(f"{c}_{k}" for c in stats for k in ("mean", "std"))])
@@ -319,17 +349,20 @@ def write_csvs(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], ou
     with open(per_run, "w", newline="") as f:
         w = csv.writer(f)
         w.writerow(["variant", "seed", "state", "epochs_done", "epochs", *columns,
-                    *(f"{s}[{l}]" for l in layers for s in ("sparsity", "multimodality")), "run_dir"])
+                    *(f"{s}[{l}]" for l in layers for s in ("sparsity", "multimodality")),
+                    *(f"patch_similarity[{b}]" for b in blocks), "run_dir"])
         for r in results:
             w.writerow([r.variant, r.seed, r.state, len(r.rows), r.epochs, *(r.values.get(c, "") for c in columns),
                         *("" if r.layers.get(l, (None, None))[i] is None else r.layers[l][i]
-                          for l in layers for i in (0, 1)), r.run_dir])
+                          for l in layers for i in (0, 1)),
+                        *("" if r.similarity.get(b) is None else r.similarity[b] for b in blocks), r.run_dir])
     return [per_variant, per_run]
 
 
 def figures(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_dir: str) -> List[str]:
-    """val_top1.png (mean and min–max per variant) and attention_sm.png (S against M per layer,
-    the per-layer means and stds of ``table``, summarise's rows)."""
+    """val_top1.png (mean and min–max per variant), attention_sm.png (S against M per layer) and
+    patch_similarity.png (against depth), the last two from the per-layer means and stds of
+    ``table``, summarise's rows."""
     from matplotlib import colormaps
     from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
@@ -379,6 +412,27 @@ def figures(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_d
                             fontsize=7, color=color)
         written += _finish(ax, "multi-modality M", "sparsity S", "trained attention per layer (mean ± std over "
                            "seeds; labels: layer)", os.path.join(out_dir, "attention_sm.png"))
+
+    blocks = _blocks(results)
+    if blocks:
+        fig = Figure(figsize=(6.4, 4.8))
+        FigureCanvasAgg(fig)
+        ax = fig.subplots()
+        for i, row in enumerate(table):
+            points = [(depth, *row[f"patch_similarity[{b}]"]) for depth, b in enumerate(blocks, start=1)]
+            points = [(d, m, s or 0.0) for d, m, s in points if m is not None]
+            if not points:
+                continue
+            color = colors[i % len(colors)]
+            depths, means = [p[0] for p in points], [p[1] for p in points]
+            ax.plot(depths, means, color=color, marker="o", markersize=3, label=f"{row['variant']} ({row['seeds']})")
+            if row["seeds"] > 1:
+                ax.fill_between(depths, [m - s for _, m, s in points], [m + s for _, m, s in points], color=color,
+                                alpha=0.15)
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        written += _finish(ax, "block (depth)", "patch similarity (mean pairwise cosine)", "patch tokens after each "
+                           "block: mean over seeds (their number), band: ± std",
+                           os.path.join(out_dir, "patch_similarity.png"))
     return written
 
 

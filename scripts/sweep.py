@@ -1,8 +1,8 @@
 #!/usr/bin/env python
 """Run a sweep: every (variant, seed) of a sweep file is trained with train.py in its own run
-directory, then its final checkpoint is evaluated with ``eval.py --attn-stats``. Rerunning the
-same command skips finished runs, resumes interrupted ones (train.py's auto-resume) and retries
-failed ones; ``scripts/report.py`` turns the sweep directory into tables and figures.
+directory, then its final checkpoint is evaluated with ``eval.py --attn-stats --patch-similarity``.
+Rerunning the same command skips finished runs, resumes interrupted ones (train.py's auto-resume)
+and retries failed ones; ``scripts/report.py`` turns the sweep directory into tables and figures.
 
     python scripts/sweep.py configs/sweeps/fashion_mnist_normalizers.yaml
     python scripts/sweep.py configs/sweeps/fashion_mnist_normalizers.yaml --parallel 2 --dry-run
@@ -72,7 +72,7 @@ EVAL = os.path.join(REPO, "eval.py")
 SWEEP_KEYS = ("base", "output_dir", "seeds", "overrides", "variants", "eval", "gpus_per_run")
 VARIANT_KEYS = ("config", "overrides")
 SET_BY_SWEEP = ("train.seed", "train.output_dir")
-EVAL_SET_BY_SWEEP = ("--checkpoint", "--output", "--attn-stats")
+EVAL_SET_BY_SWEEP = ("--checkpoint", "--output", "--attn-stats", "--patch-similarity")
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.+-]*$")
 # How long a preempted SLURM job waits for train.py to save (SLURM kills it signal_delay_s after the signal).
 SLURM_SIGNAL_DELAY_S = 120
@@ -106,7 +106,7 @@ class Run:
 
     def eval_command(self) -> List[str]:
         return [sys.executable, EVAL, "--checkpoint", os.path.join(self.run_dir, "last.pth"), "--attn-stats",
-                "--output", os.path.join(self.run_dir, EVAL_JSON), *self.eval_args]
+                "--output", os.path.join(self.run_dir, EVAL_JSON), "--patch-similarity", *self.eval_args]
 
 
 @dataclass

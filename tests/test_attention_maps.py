@@ -107,7 +107,7 @@ def test_figure_labels_both_models_and_draws_every_head(files):
     image = am.read_image(files["img"])
     panels = []
     for path in (files["mm"], files["gap"]):
-        model, cfg = am.load_model(path, None, False)
+        model, cfg, _ = am.load_model(path, None, False)
         panels.append(am.model_maps(model, cfg, image, am.patch_query(args.query, (4, 4), path), path))
     assert "multimax attention" in panels[0].label and "softmax attention" in panels[1].label
     assert panels[0].query.shape == (2, 2, 4, 4)  # layers, heads, patch grid
@@ -119,7 +119,7 @@ def test_figure_labels_both_models_and_draws_every_head(files):
 
 
 def test_image_gets_the_configured_datasets_normalisation(files):
-    _, cfg = am.load_model(files["mm"], None, False)
+    _, cfg, _ = am.load_model(files["mm"], None, False)
     pixels = np.arange(28 * 28, dtype=np.uint8).reshape(28, 28)
     x, shown = am.preprocess(Image.fromarray(pixels), cfg, 1)
     want = (torch.from_numpy(pixels).float() / 255 - 0.2860) / 0.3530  # Fashion-MNIST's, crop_pct 1.0

@@ -173,3 +173,43 @@ def test_failed_runs_are_listed_as_failed_and_unreadable_logs_are_said(sweep_dir
     rows = read_csv(sweep_dir / "report.csv")
     assert rows["a"]["seeds"] == "2" and rows["a"]["unfinished"] == "seed 1: log.jsonl unreadable"
     assert rows["b"]["unfinished"] == "seed 1: 1 of 3 epochs, seed 2: failed (train.py exit 2)"
+
+
+def add_patch_similarity(run_dir, values):
+    """Put eval.py --patch-similarity's entry (one value per block) into the run's eval.json."""
+    path = os.path.join(run_dir, "eval.json")
+    with open(path) as f:
+        result = json.load(f)
+    result["patch_similarity"] = {"layers": {f"blocks.{i}": v for i, v in enumerate(values)}, "images": 50}
+    with open(path, "w") as f:
+        json.dump(result, f)
+
+
+def test_patch_similarity_is_tabled_per_variant_and_drawn_against_depth(sweep_dir, monkeypatch, capsys):
+    for seed, values in enumerate([(0.2, 0.4, 0.6), (0.3, 0.5, 0.7), (0.4, 0.6, 0.8)]):
+        add_patch_similarity(sweep_dir / "a" / f"seed{seed}", values)
+    drawn, finish = {}, report._finish
+
+    def keep(ax, *args):
+        drawn[os.path.basename(args[-1])] = ax
+        return finish(ax, *args)
+
+    monkeypatch.setattr(report, "_finish", keep)
+    assert report.main([str(sweep_dir)]) == 0
+    a, b = (read_csv(sweep_dir / "report.csv")[v] for v in "ab")
+    for block, mean in (("blocks.0", 0.3), ("blocks.2", 0.7)):
+        assert float(a[f"patch_similarity[{block}]_mean"]) == pytest.approx(mean)
+        assert float(a[f"patch_similarity[{block}]_std"]) == pytest.approx(0.1)
+        assert b[f"patch_similarity[{block}]_mean"] == ""  # b's finished run has no patch similarity
+    assert float(read_csv(sweep_dir / "runs.csv")["a/1"]["patch_similarity[blocks.1]"]) == 0.5
+    md = (sweep_dir / "report.md").read_text()
+    assert "### Patch similarity per block" in md and "![patch_similarity](patch_similarity.png)" in md
+    assert "| a | 0.3000 ± 0.1000 | 0.5000 ± 0.1000 | 0.7000 ± 0.1000 |" in md
+    line_b = next(line for line in md.splitlines() if line.startswith("| b |"))
+    assert line_b.endswith("seed 0: no patch similarity |")
+    assert (sweep_dir / "patch_similarity.png").stat().st_size > 10_000
+    ax = drawn["patch_similarity.png"]
+    lines = [line for line in ax.get_lines() if line.get_label().startswith("a ")]
+    assert len(lines) == 1 and list(lines[0].get_xdata()) == [1, 2, 3]
+    assert list(lines[0].get_ydata()) == pytest.approx([0.3, 0.5, 0.7])
+    assert not [line for line in ax.get_lines() if line.get_label().startswith("b ")]

@@ -94,6 +94,7 @@ def test_sweep_runs_every_run_skips_finished_ones_and_survives_a_failure(fake_fm
         result = json.loads((run_dir / "eval.json").read_text())
         assert result["num_images"] == 37 and result["top1"] == pytest.approx(log_rows(run_dir)[-1]["val_top1"])
         assert set(result["attn_stats"]["layers"]) == {"blocks.0.attn", "blocks.1.attn"}
+        assert set(result["patch_similarity"]["layers"]) == {"blocks.0", "blocks.1"}
     losses = [[r["train_loss"] for r in log_rows(out / "mm" / f"seed{s}")] for s in (0, 1)]
     assert losses[0] != losses[1]  # the seed reached train.py
     manifest = json.loads((out / "sweep.json").read_text())
