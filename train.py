@@ -13,9 +13,13 @@ The run directory is train.output_dir. Rerunning the same command resumes from i
 a finished run says so and changes nothing; train.resume=none starts over (the previous run's
 files move to <output_dir>/previous/). Only one run at a time may use a run directory.
 
-Exit codes: 0 done (or already finished); 2 a mistake in the input, named on one line;
-3 training diverged (non-finite loss); 75 stopped by SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 after
-saving a resumable checkpoint: rerun the same command to continue.
+Exit codes: 0 done (or already finished); 2 a mistake in the input or a failed write, named on
+one line; 3 training diverged (non-finite loss); 75 stopped with a resumable checkpoint on disk
+(SIGTERM, SIGINT (Ctrl-C) or SIGUSR1 during training, or train.stop_after_epochs): rerun the same
+command to continue; 130 Ctrl-C before training began (128 + the signal's number for SIGTERM and
+SIGUSR1): nothing was written. With MMVIT_EXIT_CODE_FILE set, the exit code train.py chose is
+also written to that file (not for 128 + N: the signal may be a launcher ending it for another
+process's exit), for a launcher whose own exit code can be a signal's (scripts/slurm.sbatch).
 """
 from __future__ import annotations
 
@@ -23,10 +27,14 @@ import argparse
 import os
 import sys
 
-from engine.config import dump_config, load_config
-from engine.errors import EXIT_NONFINITE, EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError
+from engine.errors import (
+    EXIT_NONFINITE, EXIT_OK, EXIT_RESUMABLE, EXIT_SIGNAL_BASE, EXIT_USER_ERROR, NonFiniteLossError, UserError,
+    write_error,
+)
+from engine.signals import Interrupted, StopSignals
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
+EXIT_CODE_FILE_ENV = "MMVIT_EXIT_CODE_FILE"
 
 
 def parse_args(argv=None) -> argparse.Namespace:
@@ -39,26 +47,27 @@ def parse_args(argv=None) -> argparse.Namespace:
     return p.parse_args(argv)
 
 
-def train(cfg, info) -> int:
+def train(cfg, info, stop: StopSignals) -> int:
     """The whole run: data, model, optimiser, resume, then epochs of train → eval → checkpoint → log.
-    Returns the exit code."""
+    Returns the exit code. ``stop``: the process's stop signals, still in their setup phase."""
     # imported here rather than above, so that --help and --print-config answer without loading torch
+    import contextlib
+
     import torch
 
     from data import build_loaders, set_epoch
-    from engine import distributed as dist
     from engine.checkpoint import LAST, CheckpointManager, save_checkpoint
     from engine.config import effective_lr
     from engine.cpu_alloc import apply_allocator_mode
     from engine.logger import RunLogger, console
-    from engine.loop import LoopOptions, Trainer, build_criterion, evaluate
+    from engine.loop import LoopOptions, Trainer, agree, build_criterion, evaluate
     from engine.model import EMA, build_model, built_model_config
     from engine.optim import build_optimizer, build_schedule, describe_groups
     from engine.run import (
         RunLock, check_run_dir, epoch_record, find_resume, prepare_run_dir, restore_training_state, seed_epoch,
         set_matmul_precision, training_state, wrap_model,
     )
-    from engine.signals import StopSignals, protect_workers
+    from engine.signals import Halt, protect_workers, start_compile_workers
     from models.multimax import modulators
 
     apply_allocator_mode(cfg.train.cpu_malloc, info.device.type)
@@ -71,10 +80,6 @@ def train(cfg, info) -> int:
     cfg.model = built_model_config(cfg.model, model)  # config.yaml and checkpoints name the normalizers built
     run_dir = check_run_dir(cfg)  # nothing is written before data, model and resume are known good
     resume = find_resume(cfg, run_dir, info)
-    if resume.finished(cfg.train.epochs):
-        console(f"{run_dir}: already finished at epoch {resume.start_epoch - 1} (train.epochs={cfg.train.epochs}); "
-                "nothing changed. train.resume=none starts it over", info.is_main)
-        return EXIT_OK
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema else None
     lr = effective_lr(cfg, info.world_size)
     optimizer = build_optimizer(model, cfg.optim, lr)
@@ -85,95 +90,170 @@ def train(cfg, info) -> int:
                         f"{cfg.train.accum_steps} is larger than the training set ({len(loaders.train.dataset)} images)")
     schedule = build_schedule(cfg.optim, lr, cfg.train.epochs, steps_per_epoch)
     scaler = torch.amp.GradScaler(info.device.type) if cfg.train.amp == "fp16" else None
-    restore_training_state(resume, model, ema, optimizer, scaler, info)
+    restore_training_state(resume, model, ema, optimizer, scaler)  # refuses a checkpoint of another model
+    if resume.finished(cfg.train.epochs):
+        console(f"{run_dir}: already finished at epoch {resume.start_epoch - 1} (train.epochs={cfg.train.epochs}); "
+                "nothing changed. train.resume=none starts it over", info.is_main)
+        return EXIT_OK
+    if resume.path is not None:
+        console(f"resumed from {resume.path} ({resume.where()})", info.is_main)
+    if cfg.train.compile:
+        start_compile_workers()  # shielded from the stop signals, as the DataLoader workers are
     trainer = Trainer(wrap_model(model, cfg, info), optimizer, build_criterion(loaders.mixup_fn is not None,
                       cfg.data.smoothing), schedule, resume.state, info, opts, scaler, ema, loaders.mixup_fn)
     state, best = trainer.state, resume.best
+    on_disk = f"{resume.path} is as this job found it ({resume.where()})" if resume.path else "nothing was trained yet"
 
-    with RunLock(run_dir, info), StopSignals() as stop:
+    stop.defer()  # from here on a signal asks for a resumable checkpoint
+    with RunLock(run_dir, info):
         prepare_run_dir(cfg, resume, info)
         logger = RunLogger(run_dir, info.is_main, purge_step=state.step + 1)
         checkpoints = CheckpointManager(run_dir, cfg.train.keep_top_k, metric="val_top1", mode="max",
                                         is_main=info.is_main)
+        stop.watch(lambda: logger.failed() or checkpoints.failed())  # rank 0's failed write stops every rank
         groups = describe_groups(optimizer)
         console(f"run dir {run_dir} | world size {info.world_size} | device {info.device} | lr {lr:.3g} | "
                 f"{steps_per_epoch} steps/epoch | params: " + ", ".join(
                     f"{k} {v['num_params']} ({v['num_tensors']} tensors, wd {v['weight_decay']})"
                     for k, v in groups.items()), info.is_main)
         logger.text("optimizer_groups", "\n".join(f"{k}: {', '.join(v['names'])}" for k, v in groups.items()))
+
+        def finish(*writes) -> None:
+            """The decision to exit is made: no signal changes it any more; rank 0's pending writes end
+            (and a failed one fails every rank)."""
+            stop.finish()
+            _settle(info, checkpoints.wait, *writes, logger.close, logger.check)
+
         try:
             for epoch in range(resume.start_epoch, cfg.train.epochs):
-                if dist.any_rank_true(stop(), info):  # a signal during setup, evaluation or a checkpoint
-                    checkpoints.wait()
-                    console(f"{stop.name}: stopped before epoch {epoch}; {run_dir}/{LAST} holds epoch {epoch - 1}. "
-                            f"Exit {EXIT_RESUMABLE}: rerun the same command to resume", info.is_main)
+                halt = agree(stop.halt(), info)  # one during evaluation, checkpointing or logging
+                if halt:
+                    finish()  # a failed write raises here
+                    console(f"{stop.name}: stopped before epoch {epoch}; {on_disk}. Exit {EXIT_RESUMABLE}: rerun "
+                            "the same command to resume", info.is_main)
                     return EXIT_RESUMABLE
-                seed_epoch(cfg.train.seed, epoch, info.rank, loaders)
-                set_epoch(loaders, epoch)
+                seed_epoch(cfg.train.seed, epoch, info.rank)
                 start = resume.epoch_start if epoch == resume.start_epoch else None
+                set_epoch(loaders, epoch, start_batch=start.steps_done * cfg.train.accum_steps if start else 0)
                 result = trainer.train_one_epoch(loaders.train, epoch, start, stop, logger.scalars)
-                if result.interrupted:
-                    checkpoints.wait()  # the previous epoch's file first
+                halt, val = result.halt, None
+                if not halt and ((epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs):
+                    val = evaluate(trainer.model, loaders.val, info, cfg.train.amp,
+                                   ema_model=ema.module if ema is not None else None, stop=stop)
+                    halt = Halt.SIGNAL if val is None else Halt.NONE
+                if halt == Halt.FAILURE:
+                    finish()  # raises rank 0's write error on every rank
+                if halt:  # saved as a mid-epoch checkpoint, maybe after the last step: then it resumes at evaluation
                     ckpt = training_state(cfg, model, ema, optimizer, scaler, epoch - 1, state, best,  # on every rank
                                           epoch_step=result.steps_done, epoch_sums=result.sums,
                                           classes=loaders.info.classes)
-                    if info.is_main:
-                        save_checkpoint(ckpt, os.path.join(run_dir, LAST))
+                    finish(lambda: save_checkpoint(ckpt, os.path.join(run_dir, LAST)))
                     console(f"{stop.name}: saved {run_dir}/{LAST} at epoch {epoch}, step {result.steps_done} of "
                             f"{steps_per_epoch}. Exit {EXIT_RESUMABLE}: rerun the same command to resume", info.is_main)
-                    dist.barrier()  # no rank leaves (and has its launcher end the job) before the file is whole
                     return EXIT_RESUMABLE
-                val = None
-                if (epoch + 1) % cfg.train.eval_every == 0 or epoch + 1 == cfg.train.epochs:
-                    val = evaluate(trainer.model, loaders.val, info, cfg.train.amp,
-                                   ema_model=ema.module if ema is not None else None)
                 record = epoch_record(epoch, state.step, result.stats, val)
                 metric = record.get("val_top1")
                 if metric is not None and (best.get("value") is None or metric > best["value"]):
                     best = {"metric": "val_top1", "value": metric, "epoch": epoch}
-                checkpoints.save_in_background(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best,
-                                                              classes=loaders.info.classes), epoch, metric)
+                # the logs before the checkpoint: a rerun redoes an epoch whose row is missing, and
+                # drops the rows past its checkpoint, so the two never disagree
                 logger.log_epoch(record, state.step)
                 if cfg.train.log_modulators:
                     logger.modulators(modulators(model), state.step, figure=cfg.train.plot_modulators)
+                if agree(stop.halt(), info) == Halt.FAILURE:
+                    finish()  # raises rank 0's write error on every rank
+                checkpoints.save_in_background(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best,
+                                                              classes=loaders.info.classes), epoch, metric)
+                on_disk = f"{run_dir}/{LAST} holds epoch {epoch}"
                 console(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                         info.is_main)
                 stop_after = cfg.train.stop_after_epochs
                 if stop_after is not None and epoch + 1 - resume.start_epoch >= stop_after and epoch + 1 < cfg.train.epochs:
-                    console(f"stopping after {stop_after} epoch(s) of this job (train.stop_after_epochs); "
-                            f"rerun the same command to resume", info.is_main)
-                    break
+                    finish()
+                    console(f"stopping after {stop_after} epoch(s) of this job (train.stop_after_epochs); {on_disk}. "
+                            f"Exit {EXIT_RESUMABLE}: rerun the same command to resume", info.is_main)
+                    return EXIT_RESUMABLE
+            finish()
             return EXIT_OK
+        except Interrupted as e:  # in the job's first step: its last.pth is as the job found it
+            stop.finish()  # no collective here: the other ranks may be anywhere in that step
+            console(f"{e.name}: stopped in this job's first step (which compiles under train.compile); {on_disk}. "
+                    f"Exit {EXIT_RESUMABLE}: rerun the same command to resume", info.is_main)
+            return EXIT_RESUMABLE
         finally:
             logger.close()
-            checkpoints.wait()
+            with contextlib.suppress(UserError):  # on an error's way out: that error is the one to report
+                checkpoints.wait()
 
 
-def main(argv=None) -> int:
-    args = parse_args(argv)
-    try:
-        cfg = load_config(args.config, args.overrides)
-    except UserError as e:
-        return _fail(e, EXIT_USER_ERROR)
-    if args.print_config:
-        print(dump_config(cfg), end="")
-        return EXIT_OK
+def _settle(info, *writes) -> None:
+    """Run rank 0's ``writes`` (a checkpoint, the logs' last flush), then hand their outcome to
+    every rank, which waits for it: a failed write (a UserError naming the path) ends every rank
+    with it, and no rank exits (and has its launcher end the job) before rank 0's files are whole."""
     from engine import distributed as dist
-    from engine.loop import NonFiniteLossError
+
+    error = None
+    if info.is_main:
+        try:
+            for write in writes:
+                write()
+        except UserError as e:
+            error = str(e)
+    error = dist.broadcast_object(error)
+    if error is not None:
+        raise UserError(error)
+
+
+def main(argv=None, exiting: bool = False) -> int:
+    """train.py's command line. ``exiting``: the process ends when this returns (train.py run as a
+    script), so the stop signals stay ignored through interpreter shutdown instead of restored."""
+    with StopSignals(restore=not exiting) as stop:
+        try:
+            return _main(argv, stop)
+        except Interrupted as e:  # before training began
+            return _fail(f"interrupted by {e.name} during setup; nothing was written", EXIT_SIGNAL_BASE + e.signum)
+        finally:
+            stop.finish()
+
+
+def _main(argv, stop: StopSignals) -> int:
+    args = parse_args(argv)
+    from engine.config import dump_config, load_config
 
     info = None
     try:
-        info = dist.init_distributed(cfg.train.device, cfg.train.dist_backend)
-        return train(cfg, info)
-    except UserError as e:
-        return _fail(e, EXIT_USER_ERROR)
-    except NonFiniteLossError as e:
-        return _fail(e, EXIT_NONFINITE)
-    except KeyboardInterrupt:  # Ctrl-C before training began (in training it is a stop signal)
-        return _fail("interrupted during setup; no checkpoint was written", 130)
-    finally:
+        try:
+            cfg = load_config(args.config, args.overrides)
+            if args.print_config:
+                print(dump_config(cfg), end="")
+                return EXIT_OK
+            from engine import distributed as dist
+
+            info = dist.init_distributed(cfg.train.device, cfg.train.dist_backend)
+            code = train(cfg, info, stop)
+        except UserError as e:
+            code = _fail(e, EXIT_USER_ERROR)
+        except NonFiniteLossError as e:
+            code = _fail(e, EXIT_NONFINITE)
+        return _record_exit(code)
+    finally:  # after the exit code is recorded: tearing the process group down may hang on a dead peer
         if info is not None:
             dist.cleanup()
+
+
+def _record_exit(code: int) -> int:
+    """Write ``code`` to $MMVIT_EXIT_CODE_FILE, if set (every rank the same, in the common case;
+    replaced whole, so a reader never sees two ranks' writes mixed)."""
+    path = os.environ.get(EXIT_CODE_FILE_ENV)
+    if path:
+        tmp = f"{path}.{os.uname().nodename}.{os.getpid()}"
+        try:
+            with open(tmp, "w") as f:
+                f.write(f"{code}\n")
+            os.replace(tmp, path)
+        except OSError as e:
+            print(f"train.py: warning: {write_error(path, e)}", file=sys.stderr)
+    return code
 
 
 def _fail(error, code: int) -> int:
@@ -182,4 +262,4 @@ def _fail(error, code: int) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    sys.exit(main(exiting=True))

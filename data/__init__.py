@@ -2,15 +2,15 @@
 
     loaders = build_loaders(cfg.data, cfg.model.img_size, rank, world_size, seed)
     for epoch in ...:
-        set_epoch(loaders, epoch)
+        set_epoch(loaders, epoch)            # set_epoch(loaders, epoch, start_batch): resume mid-epoch
         for images, target in loaders.train: ...
 
-Reproducibility: the train sampler's order is a function of (seed, epoch); the train
-loader's ``generator`` (seeded from (seed, rank), and reseeded per epoch by the engine) seeds
-the workers' ``random``/numpy/torch RNGs. Train workers are *not* persistent: a fresh set per
-epoch draws its seeds from that generator, so a run resumed at any epoch replays the same
-augmentations as the uninterrupted one (persistent workers would carry their RNG state over
-from epochs the resumed run never ran).
+Reproducibility: the train sampler's order is a function of (seed, epoch), and each training
+batch's augmentation a function of (seed, rank, epoch, batch position) alone: the batch sampler
+gives every batch a seed, from which the dataset seeds the RNGs before decoding it
+(``SeededBatchSampler``, ``SeededBatches``). So a resumed run replays the uninterrupted one's
+augmentations whatever the DataLoader workers did before, a mid-epoch resume starts at its batch
+without decoding the ones before, and the train workers persist across epochs as the val ones do.
 """
 from __future__ import annotations
 
@@ -18,7 +18,6 @@ import warnings
 from dataclasses import dataclass, replace
 from typing import Callable, Optional, Tuple
 
-import numpy as np
 import torch
 from timm.data import Mixup
 from torch.utils.data import DataLoader, Dataset, DistributedSampler, Sampler
@@ -27,9 +26,9 @@ from engine.config import DataConfig
 from engine.errors import UserError
 
 from .datasets import (
-    DatasetInfo, ImageFolderDataset, base_dataset, check_same_classes, create_dataset, take_subset,
+    DatasetInfo, ImageFolderDataset, SeededBatches, base_dataset, check_same_classes, create_dataset, take_subset,
 )
-from .samplers import RepeatAugSampler, ShardedEvalSampler
+from .samplers import RepeatAugSampler, SeededBatchSampler, ShardedEvalSampler
 from .transforms import eval_transform, train_transform
 
 __all__ = [
@@ -113,11 +112,6 @@ def _eval_loader(cfg: DataConfig, ds: Dataset, rank: int, world_size: int) -> Tu
     return loader, sampler
 
 
-def _rank_generator(seed: int, rank: int) -> torch.Generator:
-    state = np.random.SeedSequence([seed, rank]).generate_state(1, dtype=np.uint64)[0]
-    return torch.Generator().manual_seed(int(state))
-
-
 def repeated_aug_copies(repeated_aug: int, world_size: int, warn: bool = True) -> int:
     """Copies of each image per epoch for ``data.repeated_aug`` on ``world_size`` processes:
     at most one per process. Repeated augmentation gives each copy its own process (DeiT's
@@ -139,8 +133,9 @@ def repeated_aug_copies(repeated_aug: int, world_size: int, warn: bool = True) -
 def build_loaders(data_cfg: DataConfig, img_size: int, rank: int, world_size: int, seed: int,
                   num_classes: Optional[int] = None) -> Loaders:
     """Train loader (``data.train_split``, sharded by a repeated-augmentation sampler when
-    ``repeated_aug_copies`` > 1 else a seeded DistributedSampler, drop_last) and exact val loader
-    (``data.val_split``, ShardedEvalSampler), mixup, and the dataset info."""
+    ``repeated_aug_copies`` > 1 else a seeded DistributedSampler, in seeded whole batches:
+    ``SeededBatchSampler``) and exact val loader (``data.val_split``, ShardedEvalSampler), mixup,
+    and the dataset info."""
     cfg = data_cfg
     train_ds, info = create_dataset(cfg, cfg.train_split, training=True)
     val_ds, val_info = create_dataset(cfg, cfg.val_split, training=False)
@@ -161,9 +156,11 @@ def build_loaders(data_cfg: DataConfig, img_size: int, rank: int, world_size: in
     else:
         train_sampler = DistributedSampler(train_ds, num_replicas=world_size, rank=rank, shuffle=True, seed=seed,
                                            drop_last=True)
-    train = _Loader(train_ds, batch_size=cfg.batch_size, sampler=train_sampler, num_workers=cfg.workers,
-                    pin_memory=cfg.pin_memory and torch.cuda.is_available(), drop_last=True,
-                    generator=_rank_generator(seed, rank))
+    # a generator of its own: creating an iterator draws the workers' base seed from it, not from
+    # the global RNG, whose stream is the training loop's (and which no batch depends on)
+    train = _Loader(SeededBatches(train_ds), batch_sampler=SeededBatchSampler(train_sampler, cfg.batch_size, seed, rank),
+                    num_workers=cfg.workers, pin_memory=cfg.pin_memory and torch.cuda.is_available(),
+                    persistent_workers=cfg.workers > 0, generator=torch.Generator())
     val, val_sampler = _eval_loader(cfg, val_ds, rank, world_size)
     return Loaders(train, val, train_sampler, val_sampler, build_mixup(cfg, info.num_classes), info)
 
@@ -180,12 +177,12 @@ def build_eval_loader(data_cfg: DataConfig, img_size: int, rank: int, world_size
     return loader, info
 
 
-def set_epoch(loaders: Loaders, epoch: int) -> None:
-    """Call ``set_epoch`` on every sampler that has one, and report images skipped under
+def set_epoch(loaders: Loaders, epoch: int, start_batch: int = 0) -> None:
+    """Deal ``epoch``'s batches, the training ones from ``start_batch`` on (a resumed epoch skips
+    those already trained on, without reading them), and report images skipped under
     ``data.bad_images=skip`` since the last epoch."""
-    for sampler in (loaders.train_sampler, loaders.val_sampler):
-        if hasattr(sampler, "set_epoch"):
-            sampler.set_epoch(epoch)
+    loaders.train.batch_sampler.set_epoch(epoch, start_batch)
+    loaders.val_sampler.set_epoch(epoch)
     for loader in (loaders.train, loaders.val):
         report = getattr(base_dataset(loader.dataset), "report_skipped", None)
         message = report() if report is not None else None

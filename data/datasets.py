@@ -6,20 +6,22 @@ channels and normalisation are known). ``create_dataset`` is the single entry po
 """
 from __future__ import annotations
 
+import contextlib
 import gzip
 import math
 import os
+import random
 import struct
 import warnings
 import zlib
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
 from PIL import Image
 from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
-from torch.utils.data import Dataset, Subset
+from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
@@ -372,8 +374,47 @@ def take_subset(ds: Dataset, n: Optional[int]) -> Dataset:
     return Subset(ds, [i * len(ds) // n for i in range(n)])
 
 
+class SeededBatches(Dataset):
+    """``dataset`` read a batch at a time, as the DataLoader does when a dataset has
+    ``__getitems__``: it takes ``(seed, indices)`` from ``data.samplers.SeededBatchSampler`` and
+    seeds the python, numpy and torch (CPU) RNGs that the transforms draw from before decoding
+    the batch. In the main process (``data.workers=0``) those RNGs' states are put back after it,
+    so that the training loop's own draws (mixup, stochastic depth) go on undisturbed."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __len__(self) -> int:
+        return len(self.dataset)
+
+    def __getitem__(self, index: int):
+        return self.dataset[index]
+
+    def __getitems__(self, batch: Tuple[int, List[int]]) -> list:
+        seed, indices = batch
+        with _rngs_seeded(seed):
+            return [self.dataset[i] for i in indices]
+
+
+@contextlib.contextmanager
+def _rngs_seeded(seed: int) -> Iterator[None]:
+    saved = None
+    if get_worker_info() is None:
+        saved = random.getstate(), np.random.get_state(), torch.default_generator.get_state()
+    random.seed(seed)
+    np.random.seed([seed & 0xFFFFFFFF, seed >> 32])
+    torch.default_generator.manual_seed(seed)  # the CPU generator only: a GPU's streams are the loop's
+    try:
+        yield
+    finally:
+        if saved is not None:
+            random.setstate(saved[0])
+            np.random.set_state(saved[1])
+            torch.default_generator.set_state(saved[2])
+
+
 def base_dataset(ds: Dataset) -> Dataset:
-    """The dataset under any ``Subset`` wrappers."""
-    while isinstance(ds, Subset):
+    """The dataset under any ``Subset`` / ``SeededBatches`` wrappers."""
+    while isinstance(ds, (Subset, SeededBatches)):
         ds = ds.dataset
     return ds

@@ -1,11 +1,12 @@
-"""Samplers: repeated augmentation for training, exact sharding for evaluation.
+"""Samplers: repeated augmentation for training, exact sharding for evaluation, and the training
+batches, each with a seed of its own (so that an epoch can start at any batch).
 
-Both work for one process (``num_replicas=1, rank=0``) and expose ``set_epoch`` so the
+All work for one process (``num_replicas=1, rank=0``) and expose ``set_epoch`` so the
 training loop can call it on every sampler every epoch.
 """
 from __future__ import annotations
 
-from typing import Iterator, Sized
+from typing import Iterator, List, Sized, Tuple
 
 import numpy as np
 import torch
@@ -71,3 +72,36 @@ class ShardedEvalSampler(Sampler[int]):
 
     def __len__(self) -> int:
         return len(self.indices)
+
+
+class SeededBatchSampler(Sampler[Tuple[int, List[int]]]):
+    """One rank's training batches: ``sampler``'s epoch order cut into whole batches (the last,
+    partial one dropped), each as ``(seed, indices)``. The seed is a function of (seed, rank,
+    epoch, batch position) alone; ``data.datasets.SeededBatches`` seeds the augmentation from it
+    before decoding the batch, so what a batch looks like depends on nothing decoded before it,
+    in any process. An epoch can therefore start at any batch (``set_epoch(epoch, start_batch)``:
+    a mid-epoch resume) without decoding the ones before, and the DataLoader's worker count
+    changes no image."""
+
+    def __init__(self, sampler: Sampler[int], batch_size: int, seed: int = 0, rank: int = 0):
+        self.sampler, self.batch_size, self.seed, self.rank = sampler, batch_size, seed, rank
+        self.epoch, self.start_batch = 0, 0
+
+    def set_epoch(self, epoch: int, start_batch: int = 0) -> None:
+        """The epoch to deal (also for ``sampler``) and the batch its iteration starts at."""
+        if hasattr(self.sampler, "set_epoch"):
+            self.sampler.set_epoch(epoch)
+        self.epoch, self.start_batch = epoch, start_batch
+
+    def __iter__(self) -> Iterator[Tuple[int, List[int]]]:
+        n, size = len(self), self.batch_size
+        if self.start_batch >= n:
+            return
+        order = list(self.sampler)
+        seeds = np.random.SeedSequence([self.seed, self.rank, self.epoch]).generate_state(n, dtype=np.uint64)
+        for b in range(self.start_batch, n):
+            yield int(seeds[b]), order[b * size: (b + 1) * size]
+
+    def __len__(self) -> int:
+        """Batches in a whole epoch (also when it starts later: the loop counts its steps by it)."""
+        return len(self.sampler) // self.batch_size

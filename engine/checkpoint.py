@@ -15,7 +15,8 @@ The format (``FORMAT_VERSION`` 1; written by ``engine.run.training_state``) is a
                        averages over all its steps; else None
     consecutive_skips  skipped optimizer steps in a row so far (``train.max_consecutive_skips``)
     best               {"metric", "value", "epoch"} of the best evaluation so far
-    rng                {"ranks": [one python/numpy/torch/CUDA RNG state per rank]} (``capture_rng_state``)
+    rng                {"ranks": [one python/numpy/torch/CUDA RNG state per rank]} (``capture_rng_state``;
+                       CUDA: the state of the rank's own device)
     config             the run's config as YAML text (``engine.config.dump_config``)
     classes            the training set's class names by label, or None when it has none
     format_version     ``FORMAT_VERSION``
@@ -57,7 +58,7 @@ import torch
 
 from models.weights import CheckpointReadError, one_line_reason, read_checkpoint
 
-from .errors import UserError
+from .errors import UserError, write_error
 
 FORMAT_VERSION = 1
 LAST = "last.pth"
@@ -76,8 +77,10 @@ def epoch_filename(epoch: int) -> str:
 # ---------------------------------------------------------------- RNG state
 
 def capture_rng_state() -> Dict[str, Any]:
-    """python, numpy, torch CPU (and CUDA, when available) generator states, as tensors and
-    plain values only (``weights_only``-loadable)."""
+    """python, numpy and torch CPU generator states, and that of this process's current CUDA device
+    when it has used CUDA, as tensors and plain values only (``weights_only``-loadable). Only its
+    own device: a rank's stream must follow the rank, whichever device index a later job binds it
+    to, and touching the other GPUs would put a context of this process on each."""
     version, internal, gauss_next = random.getstate()
     name, keys, pos, has_gauss, cached = np.random.get_state(legacy=True)
     return {
@@ -85,13 +88,13 @@ def capture_rng_state() -> Dict[str, Any]:
         "numpy": {"bit_generator": str(name), "keys": torch.from_numpy(keys.astype(np.int64)),
                   "pos": int(pos), "has_gauss": int(has_gauss), "cached_gaussian": float(cached)},
         "torch": torch.get_rng_state(),
-        "cuda": list(torch.cuda.get_rng_state_all()) if torch.cuda.is_available() else [],
+        "cuda": [torch.cuda.get_rng_state()] if torch.cuda.is_initialized() else [],
     }
 
 
 def restore_rng_state(state: Dict[str, Any]) -> None:
     """Inverse of ``capture_rng_state``: later draws equal the draws after the capture. Parts
-    missing from ``state`` are left alone; CUDA states are restored for the GPUs present."""
+    missing from ``state`` are left alone; the CUDA state goes to the current device."""
     if "python" in state:
         py = state["python"]
         random.setstate((py["version"], tuple(py["state"]), py["gauss_next"]))
@@ -103,8 +106,10 @@ def restore_rng_state(state: Dict[str, Any]) -> None:
         torch.set_rng_state(state["torch"].cpu())
     cuda_states = state.get("cuda") or []
     if cuda_states and torch.cuda.is_available():
-        for i in range(min(len(cuda_states), torch.cuda.device_count())):
-            torch.cuda.set_rng_state(cuda_states[i].cpu(), i)
+        device = torch.cuda.current_device()
+        # one state: this rank's own; several: every GPU the process saw, by index
+        own = cuda_states[device] if 1 < len(cuda_states) and device < len(cuda_states) else cuda_states[0]
+        torch.cuda.set_rng_state(own.cpu(), device)
 
 
 # ---------------------------------------------------------------- atomic writes
@@ -176,12 +181,6 @@ def _fsync_dir(directory: str) -> None:
         os.close(fd)
 
 
-def _write_error(path: str, e: OSError) -> UserError:
-    reason = e.strerror or str(e)
-    return UserError(f"cannot write {path}: {reason} (is the disk full or the directory read-only?); "
-                     f"any previous {os.path.basename(path)} is left intact")
-
-
 def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
     """Run ``write(file)`` into a temp file next to ``path``, fsync it, rename it onto ``path``.
     On failure the temp file is removed, ``path`` keeps its old content, and an OSError becomes
@@ -197,7 +196,7 @@ def _atomic_write(path: str, write: Callable[[BinaryIO], None]) -> None:
         os.replace(tmp, path)
     except OSError as e:
         _remove_quietly(tmp)
-        raise _write_error(path, e) from None
+        raise write_error(path, e) from None
     except BaseException:
         _remove_quietly(tmp)
         raise
@@ -244,7 +243,7 @@ def _replicate(src: str, dst: str) -> None:
         os.replace(tmp, dst)
     except OSError as e:
         _remove_quietly(tmp)
-        raise _write_error(dst, e) from None
+        raise write_error(dst, e) from None
     _fsync_dir(os.path.dirname(os.path.abspath(dst)))
 
 
@@ -492,8 +491,9 @@ class CheckpointManager:
     def save_in_background(self, state: Dict[str, Any], epoch: int, metric_value: Optional[float] = None) -> None:
         """``save`` in a thread, from a copy of ``state`` taken now (tensors copied to the CPU), so
         that the other ranks do not wait for rank 0's disk: training goes on while the file is
-        written. One write at a time: a second call first waits for the previous one. ``wait``
-        joins the write and raises its error (disk full, ...), if any."""
+        written. One write at a time: a second call first waits for the previous one. ``failed``
+        tells at once whether the write has failed; ``wait`` joins it and raises its error (disk
+        full, ...), if any."""
         if not self.is_main:
             return
         self.wait()
@@ -507,6 +507,10 @@ class CheckpointManager:
 
         self._writer = threading.Thread(target=write, name="checkpoint-writer")
         self._writer.start()
+
+    def failed(self) -> bool:
+        """Whether a background write has failed (without waiting for one still running)."""
+        return self._error is not None
 
     def wait(self) -> None:
         """Wait for a ``save_in_background`` to finish; raise the error it met."""

@@ -174,7 +174,7 @@ class TrainConfig:
     plot_modulators: bool = False
     allow_config_change: bool = False
     max_steps_per_epoch: Optional[int] = None  # smoke runs
-    stop_after_epochs: Optional[int] = None    # end this job after N epochs (rerun to resume)
+    stop_after_epochs: Optional[int] = None    # end this job after N epochs, exit 75 (rerun to resume)
     dist_backend: str = "auto"                 # auto | nccl | gloo
     cpu_malloc: str = "tuned"                  # tuned | default: glibc keeps freed memory (engine.cpu_alloc)
 

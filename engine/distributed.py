@@ -215,22 +215,6 @@ def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
     return tensor
 
 
-def all_reduce_max(tensor: torch.Tensor) -> torch.Tensor:
-    """Element-wise max of ``tensor`` over ranks, in place; returns it."""
-    if _active():
-        tdist.all_reduce(tensor, op=tdist.ReduceOp.MAX)
-    return tensor
-
-
-def any_rank_true(flag: bool, info: DistInfo) -> bool:
-    """True on every rank if ``flag`` is True on at least one, so that all ranks take the same
-    branch (e.g. stop on a non-finite loss) and none is left waiting in a collective."""
-    if not info.distributed:
-        return bool(flag)
-    t = torch.tensor([1 if flag else 0], dtype=torch.int32, device=info.device)
-    return bool(all_reduce_max(t).item())
-
-
 def broadcast_object(obj: Any, src: int = 0) -> Any:
     """``obj`` from rank ``src`` on every rank (pickled between our own processes only)."""
     if not _active():

@@ -4,6 +4,7 @@ Only the main process writes; on other ranks every method is a no-op.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import io
 import json
@@ -12,8 +13,11 @@ import os
 import re
 import shlex
 import sys
+import threading
 import time
-from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
+
+from .errors import UserError, write_error
 
 if TYPE_CHECKING:  # a type hint only: importing this module (read_jsonl) needs no torch
     import torch.nn as nn
@@ -76,27 +80,58 @@ class RunLogger:
     """Writes the run directory's logs. ``log_epoch`` appends one JSON line and rewrites
     ``summary.csv``; scalars and modulator parameters also go to TensorBoard. A resumed run passes
     ``purge_step`` (its first step): TensorBoard hides what an earlier job logged from there on,
-    which the resumed run logs again."""
+    which the resumed run logs again.
+
+    No method raises for a failed write (disk full, read-only): the first failure is kept as a
+    one-line UserError naming the path (``failed``, ``check``) and nothing more is written, so
+    that train.py stops every rank together at its next step (``engine.signals``)."""
 
     def __init__(self, run_dir: str, is_main: bool, tensorboard: bool = True, purge_step: Optional[int] = None):
         self.run_dir, self.is_main = run_dir, is_main
         self.jsonl = os.path.join(run_dir, "log.jsonl")
         self.csv = os.path.join(run_dir, "summary.csv")
+        self.tb_dir = os.path.join(run_dir, "tensorboard")
         self.tb = None
+        self.error: Optional[UserError] = None
+        self._excepthook = None
         if is_main and tensorboard:
             from torch.utils.tensorboard import SummaryWriter
 
-            self.tb = SummaryWriter(log_dir=os.path.join(run_dir, "tensorboard"), purge_step=purge_step)
+            self._excepthook = threading.excepthook
+            threading.excepthook = _quiet_tensorboard_thread(self._excepthook)
+            with self._writing(self.tb_dir):
+                self.tb = SummaryWriter(log_dir=self.tb_dir, purge_step=purge_step)
+
+    @contextlib.contextmanager
+    def _writing(self, path: str) -> Iterator[None]:
+        try:
+            yield
+        except OSError as e:
+            if self.error is None:
+                self.error = write_error(path, e)
+
+    def failed(self) -> bool:
+        return self.error is not None
+
+    def check(self) -> None:
+        """Raise the write failure met so far, if any."""
+        if self.error is not None:
+            raise self.error
 
     def log_epoch(self, record: Dict[str, Any], step: int) -> None:
-        if not self.is_main:
+        if not self.is_main or self.error:
             return
-        with open(self.jsonl, "a") as f:
-            f.write(json.dumps(record) + "\n")
-            f.flush()
-            os.fsync(f.fileno())
-        self._write_summary()
+        with self._writing(self.jsonl):
+            with open(self.jsonl, "a") as f:
+                f.write(json.dumps(record) + "\n")
+                f.flush()
+                os.fsync(f.fileno())
+        with self._writing(self.csv):
+            self._write_summary()
         self.scalars({f"epoch/{k}": v for k, v in record.items() if k != "epoch"}, step)
+        with self._writing(self.tb_dir):
+            if self.tb is not None and not self.error:
+                self.tb.flush()  # the epoch's events on disk, and a failed background write reported now
 
     def _write_summary(self) -> None:
         rows = read_jsonl(self.jsonl)
@@ -106,37 +141,64 @@ class RunLogger:
         writer.writeheader()
         writer.writerows(rows)
         tmp = self.csv + ".tmp"
-        with open(tmp, "w", newline="") as f:
-            f.write(buf.getvalue())
-        os.replace(tmp, self.csv)
+        try:
+            with open(tmp, "w", newline="") as f:
+                f.write(buf.getvalue())
+            os.replace(tmp, self.csv)
+        except OSError:
+            with contextlib.suppress(OSError):
+                os.remove(tmp)
+            raise
 
     def scalars(self, values: Dict[str, Any], step: int) -> None:
-        if self.tb is None:
+        if self.tb is None or self.error:
             return
-        for k, v in values.items():
-            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
-                self.tb.add_scalar(k, v, step)
+        with self._writing(self.tb_dir):
+            for k, v in values.items():
+                if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
+                    self.tb.add_scalar(k, v, step)
 
     def modulators(self, mods: Dict[str, nn.Module], step: int, figure: bool = False) -> None:
         """Every SegLU's ``ranges``/``ts`` entries as scalars (and optionally σ curves as a figure)."""
-        if self.tb is None or not mods:
+        if self.tb is None or self.error or not mods:
             return
-        for name, mod in mods.items():
-            for pname in ("ranges", "ts"):
-                for i, v in enumerate(getattr(mod, pname).detach().float().cpu().tolist()):
-                    self.tb.add_scalar(f"modulators/{name}/{pname}[{i}]", v, step)
-        if figure:
-            from .plots import model_curves, modulator_figure
+        with self._writing(self.tb_dir):
+            for name, mod in mods.items():
+                for pname in ("ranges", "ts"):
+                    for i, v in enumerate(getattr(mod, pname).detach().float().cpu().tolist()):
+                        self.tb.add_scalar(f"modulators/{name}/{pname}[{i}]", v, step)
+            if figure:
+                from .plots import model_curves, modulator_figure
 
-            self.tb.add_figure("modulators/curves", modulator_figure(model_curves(mods)), step)
+                self.tb.add_figure("modulators/curves", modulator_figure(model_curves(mods)), step)
 
     def text(self, tag: str, text: str) -> None:
-        if self.tb is not None:
-            self.tb.add_text(tag, text)
+        if self.tb is not None and not self.error:
+            with self._writing(self.tb_dir):
+                self.tb.add_text(tag, text)
 
     def close(self) -> None:
+        """Flush and close TensorBoard (a failure is kept, as any other)."""
         if self.tb is not None:
-            self.tb.close()
+            with self._writing(self.tb_dir):
+                if not self.error:
+                    self.tb.flush()
+            with self._writing(self.tb_dir):
+                self.tb.close()
+            self.tb = None
+        if self._excepthook is not None:
+            threading.excepthook, self._excepthook = self._excepthook, None
+
+
+def _quiet_tensorboard_thread(previous):
+    """A ``threading.excepthook`` that leaves out the traceback of TensorBoard's writer thread
+    failing to write: TensorBoard raises the error again in the main thread at its next call,
+    where ``RunLogger`` reports it in one line."""
+    def hook(args) -> None:
+        if isinstance(args.exc_value, OSError) and type(args.thread).__module__.startswith("tensorboard"):
+            return
+        previous(args)
+    return hook
 
 
 def read_jsonl(path: str, problems: Optional[List[str]] = None) -> list:

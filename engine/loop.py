@@ -6,8 +6,12 @@ then the update. Nothing on that path waits for the device: the loss, the gradie
 whether the step was good are summed on the device (``EpochSums``), and a step whose loss or
 gradients are not finite is skipped by the update itself (``found_inf`` of fused AdamW and of
 the fp16 GradScaler). At every ``train.log_every``-th step and at the end of the epoch the host
-reads those sums once (``Trainer._check``): it logs, applies the non-finite policy, and agrees
-with the other ranks on stopping for a signal.
+reads those sums once (``Trainer._check``): it logs and applies the non-finite policy.
+
+Stop requests (``engine.signals``) ride each step's loss all-reduce, so every rank learns of any
+rank's request with no collective of its own; the host reads that agreement one step late
+(``_Votes``), from a copy the device made when it finished the previous step, so the wait never
+covers the step the device is running, and all ranks stop after the same step.
 """
 from __future__ import annotations
 
@@ -16,6 +20,7 @@ import math
 from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
+import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
@@ -23,16 +28,12 @@ from timm.utils import unwrap_model
 
 from . import distributed as dist
 from .checkpoint import restore_rng_state
+from .errors import NonFiniteLossError
 from .logger import Progress
 from .optim import clip_groups
-from .signals import shielded_batches
+from .signals import Halt, Interrupted, StopSignals, shielded_batches
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-class NonFiniteLossError(RuntimeError):
-    """Training diverged (on any rank): a non-finite loss under ``train.nonfinite=stop``, a whole
-    epoch of skipped steps, or ``train.max_consecutive_skips`` skipped steps in a row."""
 
 
 def autocast(device: torch.device, amp: str):
@@ -96,11 +97,12 @@ class EpochStart:
 
 @dataclass
 class EpochResult:
-    """``stats`` is the epoch's log row (None when ``interrupted``); ``sums`` and ``steps_done``
-    are what a mid-epoch checkpoint stores."""
+    """``stats`` is the epoch's log row (None when it ``halt``-ed: all ranks stopped after step
+    ``steps_done``, maybe the last); ``sums`` and ``steps_done`` are what a mid-epoch checkpoint
+    stores."""
 
     stats: Optional[Dict[str, float]]
-    interrupted: bool
+    halt: Halt
     steps_done: int
     sums: Dict[str, float]
 
@@ -127,13 +129,58 @@ class EpochSums:
         v[5] = (v[5] + 1) * skipped
         v[6] = torch.where((v[6] == 0) & fatal, float(epoch_step), v[6])
 
-    def read(self, extra: torch.Tensor) -> Tuple[Dict[str, float], Dict[str, float], List[float]]:
-        """(the sums now, what was added since the last read, ``extra``'s values), in one host read."""
-        values = torch.cat([self.values, extra.to(self.values)]).tolist()
-        now = dict(zip(self.FIELDS, values))
+    def read(self) -> Tuple[Dict[str, float], Dict[str, float]]:
+        """(the sums now, what was added since the last read), in one host read."""
+        now = dict(zip(self.FIELDS, self.values.tolist()))
         since = {f: now[f] - self.last[f] for f in self.FIELDS}
         self.last = now
-        return now, since, values[len(self.FIELDS):]
+        return now, since
+
+
+def _votes(halt: Halt, like: torch.Tensor) -> torch.Tensor:
+    """This rank's ``halt`` as counts [signal, failure] (float64, on ``like``'s device): summed over
+    ranks they say how many asked for each. Filled on the device, so no host-to-device copy."""
+    return torch.stack([like.new_full((), float(halt == h), dtype=torch.float64)
+                        for h in (Halt.SIGNAL, Halt.FAILURE)])
+
+
+def _agreed(counts: List[float]) -> Halt:
+    signal_votes, failure_votes = counts
+    return Halt.FAILURE if failure_votes > 0 else Halt.SIGNAL if signal_votes > 0 else Halt.NONE
+
+
+def agree(halt: Halt, info: "dist.DistInfo") -> Halt:
+    """Every rank's ``halt`` combined (one all-reduce), for the points between steps."""
+    return _agreed(dist.all_reduce_sum(_votes(halt, torch.zeros((), device=info.device))).tolist())
+
+
+class _Votes:
+    """The ranks' summed stop votes of each step, read by the host one step later: the device
+    copies them to pinned memory right after the step's all-reduce and records an event; by the
+    next step the host waits at most for that event, never for the step the device is running."""
+
+    def __init__(self, device: torch.device):
+        cuda = device.type == "cuda"
+        self.view = np.zeros(2)  # what the host reads: host memory
+        self.host = torch.from_numpy(self.view)
+        if cuda:
+            self.host = self.host.pin_memory()  # page-locked, for the asynchronous copy
+            self.view = self.host.numpy()
+        self.ready = torch.cuda.Event() if cuda else None
+        self.posted = False
+
+    def exchange(self, votes: torch.Tensor) -> Halt:
+        """Post this step's summed ``votes`` (on the device); return the previous step's agreement."""
+        previous = Halt.NONE
+        if self.posted:
+            if self.ready is not None:
+                self.ready.synchronize()
+            previous = _agreed(self.view.tolist())
+        self.host.copy_(votes, non_blocking=True)
+        if self.ready is not None:
+            self.ready.record()
+        self.posted = True
+        return previous
 
 
 class Trainer:
@@ -150,26 +197,36 @@ class Trainer:
         # without clipping one group in the model's order (the norm's float32 sum depends on it)
         self.grad_groups = clip_groups(self.module) if opts.clip_grad else [list(model.parameters())]
         self.fused = any(group.get("fused") for group in optimizer.param_groups)
-        self.lr = lr_schedule(state.step)
+        self.lr = lr_schedule(max(0, state.step - 1))  # the last step's: an epoch resumed after it reports it
+        self.first_step = True  # of this job: compiles under torch.compile; nothing of it to save yet
 
     def train_one_epoch(self, loader, epoch: int, start: Optional[EpochStart] = None,
-                        stop_requested: Callable[[], bool] = lambda: False,
+                        stop: Optional[StopSignals] = None,
                         on_log: Optional[Callable[[Dict[str, float], int], None]] = None) -> EpochResult:
-        """Train for one epoch, or for its rest from a mid-epoch checkpoint's ``start``. If some rank
-        was asked to stop, the epoch ends at the next log step with ``interrupted`` set."""
+        """Train for one epoch, or for its rest from a mid-epoch checkpoint's ``start`` (``loader``
+        then yields the batches from there on: ``data.set_epoch``'s ``start_batch``). If any rank's
+        ``stop`` asks to halt, every rank ends the epoch one or two steps later, after the same step,
+        with ``halt`` set; the job's first step is an ``immediate`` window (``Interrupted``)."""
         self.model.train()
         steps = self.opts.steps_per_epoch(len(loader))
         done = start.steps_done if start else 0
         sums = EpochSums(self.info.device, start.sums if start else None, self.state.consecutive_skips)
-        batches = _replay(shielded_batches(loader), done * self.opts.accum_steps, start.rng if start else None)
+        batches = shielded_batches(loader)
+        if start is not None and start.rng is not None:
+            restore_rng_state(start.rng)  # the streams as they were after the steps already done
+        votes = _Votes(self.info.device)
         progress = Progress(steps, f"epoch {epoch}", self.info.is_main, start=done)
         for k in range(done + 1, steps + 1):
-            loss, images = self._forward_backward(batches)
-            self._step(loss, sums, k)
+            with stop.immediate() if stop is not None and self.first_step else contextlib.nullcontext():
+                loss, images = self._forward_backward(batches)
+                step_votes = self._step(loss, sums, k, stop.halt() if stop is not None else Halt.NONE)
+            self.first_step = False
             progress.count(images * self.info.world_size)
-            if k % self.opts.log_every == 0 or k == steps:
-                if self._check(sums, epoch, k, progress, stop_requested, on_log) and k < steps:
-                    return EpochResult(None, True, k, sums.last)
+            halt = votes.exchange(step_votes)
+            if k % self.opts.log_every == 0 or k == steps or halt:
+                self._check(sums, epoch, k, progress, on_log)
+            if halt:
+                return EpochResult(None, halt, k, sums.last)
         totals = sums.last
         if totals["good"] == 0:
             raise NonFiniteLossError(
@@ -178,7 +235,7 @@ class Trainer:
         stats = {"train_loss": totals["loss"] / totals["good"], "lr": self.lr,
                  "grad_norm": totals["grad_norm"] / totals["good"], "train_img_per_s": progress.images_per_second,
                  "skipped_steps": int(totals["skipped"])}
-        return EpochResult(stats, False, steps, totals)
+        return EpochResult(stats, Halt.NONE, steps, totals)
 
     def _forward_backward(self, batches: Iterator) -> Tuple[torch.Tensor, int]:
         """``accum_steps`` micro-batches forward and backward (DDP syncs the gradients on the last
@@ -201,13 +258,15 @@ class Trainer:
             images_seen += images.shape[0]
         return torch.stack(losses).mean(), images_seen
 
-    def _step(self, loss: torch.Tensor, sums: EpochSums, epoch_step: int) -> None:
+    def _step(self, loss: torch.Tensor, sums: EpochSums, epoch_step: int, halt: Halt) -> torch.Tensor:
         """After the backward passes: this step's LR, unscaling (fp16), the gradient norm (clipped),
-        the update unless the loss or the gradients are not finite, the EMA; the step goes into ``sums``."""
+        the update unless the loss or the gradients are not finite, the EMA; the step goes into ``sums``.
+        Returns the ranks' summed stop votes (this rank's: ``halt``), on the device."""
         self.lr = self.lr_schedule(self.state.step)
         for group in self.optimizer.param_groups:
             group["lr"] = self.lr
-        mean_loss = dist.all_reduce_sum(loss.double().reshape(1))[0] / self.info.world_size
+        reduced = dist.all_reduce_sum(torch.cat([loss.double().reshape(1), _votes(halt, loss)]))
+        mean_loss = reduced[0] / self.info.world_size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
         grad_norm = grad_norm_(self.grad_groups, self.opts.clip_grad)
@@ -222,6 +281,7 @@ class Trainer:
             self.ema.update(self.module, good)
         sums.add(mean_loss, grad_norm, good, fatal, epoch_step)
         self.state.step += 1
+        return reduced[1:]
 
     def _update(self, good: torch.Tensor) -> None:
         if self.scaler is not None:
@@ -234,13 +294,10 @@ class Trainer:
         elif bool(good):  # the for-loop and foreach AdamW cannot skip on the device: one host sync a step
             self.optimizer.step()
 
-    def _check(self, sums: EpochSums, epoch: int, epoch_step: int, progress: Progress,
-               stop_requested: Callable[[], bool], on_log) -> bool:
-        """A log step, the loop's one host sync: read the sums and whether any rank was asked to stop
-        (one all-reduce), apply the non-finite policy, log the steps since the last log step.
-        Returns True if training must stop for a signal."""
-        stop = torch.full((1,), float(stop_requested()), dtype=torch.float64, device=self.info.device)
-        now, since, (stop_votes,) = sums.read(dist.all_reduce_max(stop))
+    def _check(self, sums: EpochSums, epoch: int, epoch_step: int, progress: Progress, on_log) -> None:
+        """A log step (or the step training stops after), the loop's one host read of the device:
+        read the sums, apply the non-finite policy, log the steps since the last log step."""
+        now, since = sums.read()
         step = self.state.step
         if now["fatal"] and self.opts.nonfinite == "stop":
             first = int(now["first_fatal"])
@@ -260,17 +317,6 @@ class Trainer:
         if on_log is not None:
             on_log({"train/loss": loss, "train/lr": self.lr, "train/grad_norm": grad_norm,
                     "train/img_per_s": progress.images_per_second, "train/skipped_steps": since["skipped"]}, step)
-        return stop_votes > 0
-
-
-def _replay(batches: Iterator, skip: int, rng: Optional[Dict[str, Any]]) -> Iterator:
-    """Resuming mid-epoch: draw (and drop) the ``skip`` batches already trained on, so that the
-    rest replays the same augmentation, then restore the RNG state saved after them."""
-    for _ in range(skip):
-        next(batches)
-    if skip and rng is not None:
-        restore_rng_state(rng)
-    return batches
 
 
 def grad_norm_(groups: Sequence[Sequence[torch.Tensor]], clip: Optional[float]) -> torch.Tensor:
@@ -287,27 +333,37 @@ def grad_norm_(groups: Sequence[Sequence[torch.Tensor]], clip: Optional[float]) 
 
 @torch.no_grad()
 def evaluate(model: nn.Module, loader, info: "dist.DistInfo", amp: str = "none",
-             on_batch: Optional[Callable[[], None]] = None, ema_model: Optional[nn.Module] = None) -> Dict[str, Any]:
+             on_batch: Optional[Callable[[], None]] = None, ema_model: Optional[nn.Module] = None,
+             stop: Optional[StopSignals] = None) -> Optional[Dict[str, Any]]:
     """Exact top-1/top-5/loss over the whole dataset: each rank sees a disjoint shard (no
     padding), and sums are all-reduced, so the count equals the dataset size.
     ``on_batch`` runs after each batch's forward (eval.py reduces recorded attention there).
     ``ema_model`` is evaluated on the same decoded batches (one pass over the data); its
-    metrics are under ``"ema"``."""
+    metrics are under ``"ema"``. With ``stop`` the pass is an ``immediate`` window: a signal ends
+    it at once, and if any rank's did (the final all-reduce carries the votes), the result is None."""
     nets = [model] if ema_model is None else [model, ema_model]
     for net in nets:
         net.eval()
     device = info.device
     sums = torch.zeros(len(nets), 4, device=device, dtype=torch.float64)  # loss, top1, top5, n
-    for images, target in shielded_batches(loader):
-        images = images.to(device, non_blocking=True)
-        target = target.to(device, non_blocking=True)
-        for j, net in enumerate(nets):
-            with autocast(device, amp):
-                logits = net(images).float()
-            if on_batch is not None and j == 0:
-                on_batch()
-            sums[j] += _batch_sums(logits, target)
-    results = [_metrics(s) for s in dist.all_reduce_sum(sums).tolist()]
+    halt = Halt.NONE
+    try:
+        with stop.immediate() if stop is not None else contextlib.nullcontext():
+            for images, target in shielded_batches(loader):
+                images = images.to(device, non_blocking=True)
+                target = target.to(device, non_blocking=True)
+                for j, net in enumerate(nets):
+                    with autocast(device, amp):
+                        logits = net(images).float()
+                    if on_batch is not None and j == 0:
+                        on_batch()
+                    sums[j] += _batch_sums(logits, target)
+    except Interrupted:
+        halt = Halt.SIGNAL
+    totals = dist.all_reduce_sum(torch.cat([sums.flatten(), _votes(halt, sums)])).tolist()
+    if _agreed(totals[-2:]):
+        return None
+    results = [_metrics(totals[4 * j: 4 * j + 4]) for j in range(len(nets))]
     if ema_model is not None:
         results[0]["ema"] = results[1]
     return results[0]

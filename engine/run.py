@@ -7,6 +7,7 @@ import fcntl
 import os
 import random
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any, Dict, Optional, Sequence, Tuple
@@ -21,7 +22,7 @@ from .checkpoint import (
     FORMAT_VERSION, capture_rng_state, find_resume_checkpoint, load_checkpoint, pid_alive,
 )
 from .config import RETIRED_KEYS, Config, config_to_dict, dump_config, resolve_config
-from .errors import UserError
+from .errors import UserError, write_error
 from .logger import console, truncate_jsonl
 from .loop import EpochStart, TrainState
 from .optim import load_optimizer_state
@@ -122,6 +123,12 @@ class Resume:
     def finished(self, epochs: int) -> bool:
         return self.path is not None and self.start_epoch >= epochs
 
+    def where(self) -> str:
+        """Where the resumed run starts, for the console."""
+        if self.epoch_start:
+            return f"epoch {self.start_epoch}, step {self.epoch_start.steps_done} of it; global step {self.state.step}"
+        return f"end of epoch {self.start_epoch - 1}; global step {self.state.step}"
+
 
 def find_resume(cfg, run_dir: str, info: dist.DistInfo) -> Resume:
     """Read the checkpoint ``train.resume`` (auto | none | path) means; nothing is written."""
@@ -142,8 +149,9 @@ def find_resume(cfg, run_dir: str, info: dist.DistInfo) -> Resume:
     return Resume(path, ckpt, state, epoch + 1, best, start)
 
 
-def restore_training_state(resume: Resume, model, ema, optimizer, scaler, info: dist.DistInfo) -> None:
-    """Load the resumed checkpoint's weights, EMA, optimizer and scaler state (then drop it from memory)."""
+def restore_training_state(resume: Resume, model, ema, optimizer, scaler) -> None:
+    """Load the resumed checkpoint's weights, EMA, optimizer and scaler state (then drop it from
+    memory); a checkpoint of another model or optimizer is refused with one line."""
     ckpt, path = resume.checkpoint, resume.path
     if ckpt is None:
         return
@@ -158,26 +166,30 @@ def restore_training_state(resume: Resume, model, ema, optimizer, scaler, info: 
         detail = " ".join(str(e).split())[:400]
         raise UserError(f"cannot resume from {path}: it does not match this model/optimizer ({detail})") from None
     resume.checkpoint = None
-    start = resume.epoch_start
-    where = f"epoch {resume.start_epoch}, step {start.steps_done} of it" if start else \
-        f"end of epoch {resume.start_epoch - 1}"
-    console(f"resumed from {path} ({where}; global step {resume.state.step})", info.is_main)
 
 
 class RunLock:
     """One training run at a time in a run directory. Rank 0 holds an exclusive ``flock`` on
     ``<run_dir>/.lock``, which the OS releases when the process dies (a crashed run's lock is
     simply taken over), and writes its PID and host into it for the message a second run prints.
-    On file systems without ``flock`` (some Lustre / NFS mounts) the PID and host alone decide:
-    a lock of a dead process on this host is stale. The outcome is broadcast, so every rank
-    stops with the same one-line error."""
+
+    On file systems without ``flock`` (Lustre without ``-o flock``, some NFS mounts) the file's
+    content decides: the holder rewrites "PID host time" every ``HEARTBEAT_S`` seconds. A lock of
+    a dead process on this host is stale; one from another host is stale once its content has
+    not changed for ``STALE_S`` seconds (a killed job's successor waits at most that long), and
+    a live one, whose heartbeat moves meanwhile, is refused. The outcome is broadcast, so every
+    rank stops with the same one-line error."""
 
     NAME = ".lock"
+    HEARTBEAT_S = 10.0
+    STALE_S = 60.0
 
     def __init__(self, run_dir: str, info: dist.DistInfo):
         self.run_dir, self.info = run_dir, info
         self.path = os.path.join(run_dir, self.NAME)
         self.fd: Optional[int] = None
+        self._heartbeat: Optional[threading.Thread] = None
+        self._stop_beating = threading.Event()
 
     def __enter__(self) -> "RunLock":
         error = None
@@ -197,34 +209,83 @@ class RunLock:
         except OSError as e:
             raise UserError(f"train.output_dir: cannot create {self.run_dir}: {e.strerror or e}") from None
         while True:
-            fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            try:
+                fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise write_error(self.path, e) from None
+            flocked = True
             try:
                 fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                owner = _lock_owner(fd)
+                owner = _lock_owner(_read_lock(self.path))
                 os.close(fd)
                 raise UserError(self._busy(owner)) from None
-            except OSError:  # no flock here: trust the PID and host inside
-                owner = _lock_owner(fd)
-                if owner is not None and (owner[1] != socket.gethostname() or pid_alive(owner[0])):
+            except OSError:  # no flock here: the content decides
+                flocked = False
+                try:
+                    self._wait_until_stale()
+                except UserError:
                     os.close(fd)
-                    raise UserError(self._busy(owner)) from None
+                    raise
             try:  # the holder may have removed the file between our open and our lock: retry then
                 if os.stat(self.path).st_ino == os.fstat(fd).st_ino:
                     break
             except FileNotFoundError:
                 pass
             os.close(fd)
-        os.ftruncate(fd, 0)
-        os.pwrite(fd, f"{os.getpid()} {socket.gethostname()}\n".encode(), 0)
         self.fd = fd
+        try:
+            self._beat()
+        except OSError as e:
+            self.__exit__()
+            raise write_error(self.path, e) from None
+        if not flocked:
+            self._heartbeat = threading.Thread(target=self._beat_until_released, name="run-lock-heartbeat",
+                                               daemon=True)
+            self._heartbeat.start()
 
-    def _busy(self, owner: Optional[Tuple[int, str]]) -> str:
+    def _wait_until_stale(self) -> None:
+        """Without flock: return once the lock file is free or stale, raise if a live run holds it."""
+        text = _read_lock(self.path)
+        owner = _lock_owner(text)
+        if owner is None:
+            return
+        pid, host, beat = owner
+        if host == socket.gethostname():
+            if pid_alive(pid):
+                raise UserError(self._busy(owner))
+            return
+        if beat is not None and time.time() - beat > self.STALE_S:
+            return
+        console(f"{self.path}: held by PID {pid} on {host}, and this file system has no flock; waiting up to "
+                f"{self.STALE_S:.0f} s to see whether its heartbeat goes on")
+        deadline = time.monotonic() + self.STALE_S
+        while time.monotonic() < deadline:
+            time.sleep(min(1.0, self.STALE_S / 10))
+            if _read_lock(self.path) != text:
+                raise UserError(self._busy(owner))
+        # unchanged for STALE_S: its writer is gone
+
+    def _beat(self) -> None:
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, f"{os.getpid()} {socket.gethostname()} {time.time():.3f}\n".encode(), 0)
+        os.fsync(self.fd)  # other hosts see the content only once it is on the server
+
+    def _beat_until_released(self) -> None:
+        while not self._stop_beating.wait(self.HEARTBEAT_S):
+            with contextlib.suppress(OSError):  # a missed beat is retried; STALE_S spans several
+                self._beat()
+
+    def _busy(self, owner: Optional[Tuple[int, str, Optional[float]]]) -> str:
         who = f"PID {owner[0]} on {owner[1]}" if owner else f"the holder of {self.path}"
         return (f"train.output_dir {self.run_dir} is in use by another training run ({who}); wait for it "
                 "to end or choose another train.output_dir")
 
     def __exit__(self, *exc) -> None:
+        if self._heartbeat is not None:
+            self._stop_beating.set()
+            self._heartbeat.join()
+            self._heartbeat = None
         if self.fd is not None:
             with contextlib.suppress(FileNotFoundError):
                 os.remove(self.path)  # before unlocking: a newcomer then re-creates it (see _acquire)
@@ -232,10 +293,25 @@ class RunLock:
             self.fd = None
 
 
-def _lock_owner(fd: int) -> Optional[Tuple[int, str]]:
-    """(PID, host) written in a lock file, or None if it holds nothing readable."""
-    fields = os.pread(fd, 256, 0).decode(errors="replace").split()
-    return (int(fields[0]), fields[1]) if len(fields) == 2 and fields[0].isdigit() else None
+def _read_lock(path: str) -> str:
+    """A lock file's content, read afresh (a new open sees another host's writes on NFS)."""
+    try:
+        with open(path, errors="replace") as f:
+            return f.read(256)
+    except OSError:
+        return ""
+
+
+def _lock_owner(text: str) -> Optional[Tuple[int, str, Optional[float]]]:
+    """(PID, host, heartbeat time or None) written in a lock file, or None if it holds nothing readable."""
+    fields = text.split()
+    if len(fields) not in (2, 3) or not fields[0].isdigit():
+        return None
+    try:
+        beat = float(fields[2]) if len(fields) == 3 else None
+    except ValueError:
+        beat = None
+    return int(fields[0]), fields[1], beat
 
 
 PREVIOUS = "previous"
@@ -298,17 +374,14 @@ def rank_rng_state(rng: Optional[Dict[str, Any]], info: dist.DistInfo) -> Option
     return ranks[info.rank]
 
 
-def seed_epoch(seed: int, epoch: int, rank: int, loaders) -> None:
-    """Reseed every RNG from (seed, epoch, rank) at the start of each epoch, so that an epoch
-    replays identically after a resume on every rank, whatever ran before it."""
+def seed_epoch(seed: int, epoch: int, rank: int) -> None:
+    """Reseed the training loop's RNGs from (seed, epoch, rank) at the start of each epoch, so that
+    an epoch replays identically after a resume on every rank, whatever ran before it (the data's
+    augmentation has seeds of its own: ``data.SeededBatchSampler``)."""
     s = (seed * 1_000_003 + epoch * 10_007 + rank) % (2 ** 31)
     random.seed(s)
     np.random.seed(s)
     torch.manual_seed(s)
-    for loader in (loaders.train, loaders.val):
-        gen = getattr(loader, "generator", None)
-        if gen is not None:
-            gen.manual_seed(s)
 
 
 def wrap_model(model: nn.Module, cfg, info: dist.DistInfo) -> nn.Module:
@@ -335,7 +408,9 @@ def epoch_record(epoch: int, step: int, train_stats: Dict[str, float], val: Opti
 
 
 def set_matmul_precision(tf32: bool, device: torch.device) -> None:
-    """``train.tf32``: float32 matmuls on CUDA run on TF32 tensor cores (Ampere and newer), as
-    bf16/fp16 autocast runs' float32 parts do not; CPU runs stay IEEE float32 (exact)."""
+    """``train.tf32``: float32 matmuls and cuDNN convolutions (the patch embedding) on CUDA run on
+    TF32 tensor cores (Ampere and newer), or in full float32; CPU runs stay IEEE float32 (exact).
+    Both switches are set: cuDNN allows TF32 by default, whatever the matmul precision says."""
     if device.type == "cuda":
         torch.set_float32_matmul_precision("high" if tf32 else "highest")
+        torch.backends.cudnn.allow_tf32 = tf32

@@ -1,9 +1,13 @@
 """Helpers shared by the end-to-end tests: tiny training runs on the fake IDX dataset."""
 import importlib.util
 import os
+import signal
 import sys
 
+import torch
+
 import train
+from engine.logger import read_jsonl
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
@@ -22,9 +26,9 @@ def tiny_overrides(data_root, out_dir, **extra):
     return [f"{k}={v}" for k, v in o.items()]
 
 
-def run_train(args):
-    rc = train.main(["--config", os.path.join(ROOT, "configs", "quickstart.yaml"), *args])
-    assert rc == 0
+def run_train(args, rc=0):
+    """train.py in this process; it must exit ``rc`` (75: a resumable stop, e.g. train.stop_after_epochs)."""
+    assert train.main(["--config", os.path.join(ROOT, "configs", "quickstart.yaml"), *args]) == rc
 
 
 def load_script(name):
@@ -36,3 +40,46 @@ def load_script(name):
         sys.modules[key] = module
         spec.loader.exec_module(module)
     return sys.modules[key]
+
+
+def final_weights(run_dir):
+    return torch.load(os.path.join(run_dir, "last.pth"), weights_only=True)
+
+
+def same_rows(a, b):
+    """log.jsonl rows equal in every value but the measured throughput."""
+    strip = [[{k: v for k, v in r.items() if k != "train_img_per_s"} for r in read_jsonl(os.path.join(d, "log.jsonl"))]
+             for d in (a, b)]
+    assert strip[0] and strip[0] == strip[1], strip
+
+
+def assert_exact_resume(ref, resumed):
+    a, b = final_weights(ref), final_weights(resumed)
+    assert a["step"] == b["step"] and a["epoch"] == b["epoch"]
+    for key in ("model", "model_ema"):
+        for name, t in (a[key] or {}).items():
+            assert torch.equal(b[key][name], t), f"{key}.{name}"
+    same_rows(ref, resumed)
+
+
+def criterion_hook(monkeypatch, hook):
+    """Call ``hook(n)`` at the n-th (1-based) criterion call of in-process runs (one per
+    micro-batch); when it returns true, that call's loss is NaN."""
+    import engine.loop
+
+    real, calls = engine.loop.build_criterion, []
+
+    def build(*args):
+        criterion = real(*args)
+
+        def hooked(logits, target):
+            calls.append(1)
+            loss = criterion(logits, target)
+            return loss * float("nan") if hook(len(calls)) else loss
+        return hooked
+    monkeypatch.setattr(engine.loop, "build_criterion", build)
+
+
+def signal_at_call(monkeypatch, call, sig=signal.SIGTERM):
+    """Signal this process during the ``call``-th criterion call (1-based) of in-process runs."""
+    criterion_hook(monkeypatch, lambda n: n == call and os.kill(os.getpid(), sig))

@@ -5,6 +5,7 @@ import os
 import random
 import subprocess
 import threading
+import time
 
 import numpy as np
 import pytest
@@ -45,6 +46,25 @@ def test_rng_state_restores_exactly_through_a_weights_only_file(tmp_path):
     save_checkpoint({"rng": state}, tmp_path / "rng.pth")
     restore_rng_state(torch.load(tmp_path / "rng.pth", weights_only=True)["rng"])
     assert _draws() == expected
+
+
+def test_cuda_rng_state_is_the_ranks_own_and_goes_to_its_current_device(monkeypatch):
+    """Each rank saves the stream of its own device only (no context on the others' GPUs) and a
+    resumed rank restores it onto whatever device it has now: a requeued job that binds its GPUs
+    differently gives every rank its own stream back, not that of the device with its old index."""
+    streams = {5: torch.full((8,), 5, dtype=torch.uint8), 0: torch.zeros(8, dtype=torch.uint8)}
+    device, restored = {"index": 5}, []
+    monkeypatch.setattr(torch.cuda, "is_initialized", lambda: True)
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: device["index"])
+    monkeypatch.setattr(torch.cuda, "get_rng_state", lambda device_="cuda": streams[device["index"]].clone())
+    monkeypatch.setattr(torch.cuda, "get_rng_state_all", lambda: pytest.fail("read every GPU's stream"))
+    monkeypatch.setattr(torch.cuda, "set_rng_state", lambda state, index: restored.append((index, state)))
+    state = capture_rng_state()
+    assert len(state["cuda"]) == 1 and torch.equal(state["cuda"][0], streams[5])
+    device["index"] = 0   # the requeued job put this rank on GPU 0
+    restore_rng_state(state)
+    assert len(restored) == 1 and restored[0][0] == 0 and torch.equal(restored[0][1], streams[5])
 
 
 # ---------------------------------------------------------------- save / load
@@ -230,8 +250,13 @@ def test_background_save_lets_training_go_on_and_reports_its_error(tmp_path, mon
     assert load_checkpoint(tmp_path / "last.pth")["model"]["w"].tolist() == [0.0, 0.0]  # the copy at the call
     assert load_checkpoint(tmp_path / "best.pth")["best"]["value"] == 50.0
 
+    assert not mgr.failed()
     monkeypatch.setattr(ck, "open", _full_disk_after(100), raising=False)
     mgr.save_in_background(_tiny_state(1, 60.0), 1, 60.0)
+    deadline = time.time() + 60
+    while not mgr.failed():   # told at once, without waiting for (or raising in) the caller
+        assert time.time() < deadline
+        time.sleep(0.01)
     with pytest.raises(UserError, match="last.pth: No space left on device"):
         mgr.wait()
     monkeypatch.undo()

@@ -20,7 +20,9 @@ from torchvision import transforms as T
 
 from data import build_eval_loader, build_loaders, eval_transform, repeated_aug_copies, set_epoch
 from data import datasets
-from data.datasets import FASHION_MNIST_DEBIAN_DIR, ImageFolderDataset, create_dataset, load_fashion_mnist, read_idx
+from data.datasets import (
+    FASHION_MNIST_DEBIAN_DIR, ImageFolderDataset, base_dataset, create_dataset, load_fashion_mnist, read_idx,
+)
 from data.samplers import RepeatAugSampler, ShardedEvalSampler
 from data.transforms import train_transform
 from engine.config import DataConfig
@@ -170,7 +172,8 @@ def test_download_without_root_fetches_into_the_user_cache(fake_download, tmp_pa
     fetched = len(fake_download)
     assert fetched >= 4
     again = build_loaders(DataConfig(root="", download=False, **PLAIN), 28, 0, 1, 0)  # found in the cache
-    assert torch.equal(again.train.dataset.images, loaders.train.dataset.images) and len(fake_download) == fetched
+    assert torch.equal(base_dataset(again.train.dataset).images, base_dataset(loaders.train.dataset).images)
+    assert len(fake_download) == fetched
 
 
 def test_the_quickstart_commands_run_on_a_machine_without_debians_package(fake_download, tmp_path):
@@ -404,16 +407,59 @@ def test_default_deit_recipe_batch(fake_fmnist):
     assert isinstance(loaders.train_sampler, RepeatAugSampler) and len(loaders.train) == 96 // 3 // 16
 
 
+AUGMENTED = {**PLAIN, "train_transform": "deit", "auto_augment": "rand-m9-mstd0.5-inc1", "reprob": 0.25}
+
+
 def test_loader_with_workers_matches_in_process(fake_fmnist):
+    """Each batch's augmentation is seeded by its place in the epoch, so workers or none, the same
+    images come out (RandAugment, random crops and flips, random erasing); and the main process's
+    own RNG streams (the training loop's) are left as they were."""
     def epoch(workers):
-        loaders = build_loaders(DataConfig(root=fake_fmnist, **{**PLAIN, "workers": workers}), 28, 0, 1, seed=3)
+        loaders = build_loaders(DataConfig(root=fake_fmnist, **{**AUGMENTED, "workers": workers}), 28, 0, 1, seed=3)
         set_epoch(loaders, 2)
-        return [(x, y) for x, y in loaders.train], [y for _, y in loaders.val]
+        torch.manual_seed(0)
+        batches = [(x, y) for x, y in loaders.train]
+        after = torch.rand(3)
+        torch.manual_seed(0)
+        assert torch.equal(after, torch.rand(3))   # the global stream as if no batch had been made
+        return batches, [y for _, y in loaders.val]
 
     (train0, val0), (train2, val2) = epoch(0), epoch(2)
     assert len(train0) == len(train2) == 12
     assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(train0, train2))
     assert torch.equal(torch.cat(val0), torch.cat(val2))
+
+
+def test_an_epoch_started_later_yields_its_tail_without_decoding_the_rest(fake_fmnist, monkeypatch):
+    """``set_epoch(loaders, epoch, start_batch)`` (a mid-epoch resume): the batches from there on,
+    identical to the whole epoch's, and no image before them is read."""
+    from data.datasets import FashionMNIST
+
+    read, real = [], FashionMNIST.__getitem__
+    monkeypatch.setattr(FashionMNIST, "__getitem__", lambda self, i: read.append(i) or real(self, i))
+    loaders = build_loaders(DataConfig(root=fake_fmnist, **AUGMENTED), 28, 0, 1, seed=3)
+    set_epoch(loaders, 4)
+    whole = list(loaders.train)
+    read.clear()
+    set_epoch(loaders, 4, start_batch=9)
+    tail = list(loaders.train)
+    assert len(whole) == 12 and len(tail) == 3 and len(read) == 3 * 8
+    assert all(torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]) for a, b in zip(whole[9:], tail))
+    assert len(loaders.train) == 12   # the loop still counts the whole epoch's steps
+    set_epoch(loaders, 5)
+    assert len(list(loaders.train)) == 12   # the next epoch starts at its beginning
+
+
+def test_train_workers_persist_across_epochs(fake_fmnist):
+    """Seeded batches make the workers' own RNG state irrelevant, so the train loader keeps its
+    workers from epoch to epoch instead of starting new ones."""
+    loaders = build_loaders(DataConfig(root=fake_fmnist, **{**PLAIN, "workers": 2}), 28, 0, 1, seed=0)
+    pids = []
+    for e in (0, 1):
+        set_epoch(loaders, e)
+        assert len(list(loaders.train)) == 12
+        pids.append(sorted(w.pid for w in loaders.train._iterator._workers))
+    assert pids[0] == pids[1] and len(pids[0]) == 2
 
 
 def test_worker_user_error_reaches_caller_as_one_line(tmp_path):
@@ -431,7 +477,7 @@ def test_subsets_mixup_and_channel_override(fake_fmnist):
                                           "mean": [0.5, 0.5, 0.5], "std": [0.5, 0.5, 0.5]})
     loaders = build_loaders(cfg, 28, 0, 1, 0)
     assert len(loaders.train.dataset) == 30 and len(loaders.val.dataset) == 7
-    assert loaders.train.dataset.indices == [i * 96 // 30 for i in range(30)]
+    assert loaders.train.dataset.dataset.indices == [i * 96 // 30 for i in range(30)]
     assert loaders.info.in_chans == 3 and loaders.val.dataset[0][0].shape == (3, 28, 28)
     x, y = next(iter(loaders.train))
     mixed, soft = loaders.mixup_fn(x, y)

@@ -14,6 +14,8 @@ import torch.distributed as tdist
 
 from engine import distributed as dist
 from engine.errors import UserError
+from engine.loop import agree
+from engine.signals import Halt
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 LAUNCH_VARS = ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR", "MASTER_PORT", "SLURM_PROCID", "SLURM_NTASKS",
@@ -66,8 +68,7 @@ def test_single_process_has_no_process_group(monkeypatch):
     assert not tdist.is_initialized()
     t = torch.tensor([2.0])
     assert dist.all_reduce_sum(t) is t and t.item() == 2.0
-    assert dist.all_reduce_max(t) is t
-    assert dist.any_rank_true(True, info) and not dist.any_rank_true(False, info)
+    assert [agree(h, info) for h in Halt] == list(Halt)
     obj = {"a": 1}
     assert dist.broadcast_object(obj) is obj
     dist.barrier()
@@ -107,19 +108,21 @@ WORKER = textwrap.dedent("""
     import json, os, sys
     import torch
     from engine import distributed as dist
+    from engine.loop import agree
+    from engine.signals import Halt
 
     out = sys.argv[1]
     info = dist.init_distributed("cpu", "auto")
     total = dist.all_reduce_sum(torch.tensor([info.rank + 1.0])).item()
-    peak = dist.all_reduce_max(torch.tensor([10.0 * info.rank])).item()
-    flagged = dist.any_rank_true(info.rank == 1, info)   # only rank 1 sees a problem
-    calm = dist.any_rank_true(False, info)
+    flagged = agree(Halt.SIGNAL if info.rank == 1 else Halt.NONE, info).name   # only rank 1 got a signal
+    failed = agree(Halt.FAILURE if info.rank == 0 else Halt.SIGNAL, info).name  # a failed write outranks it
+    calm = agree(Halt.NONE, info).name
     got = dist.broadcast_object({"seed": 1234, "from": info.rank} if info.rank == 0 else None)
     dist.barrier()
     with open(os.path.join(out, f"rank{info.rank}.json"), "w") as f:
         json.dump({"rank": info.rank, "world": info.world_size, "local": info.local_rank, "main": info.is_main,
-                   "backend": info.backend, "distributed": info.distributed, "total": total, "peak": peak,
-                   "flagged": flagged, "calm": calm, "got": got}, f)
+                   "backend": info.backend, "distributed": info.distributed, "total": total,
+                   "flagged": flagged, "failed": failed, "calm": calm, "got": got}, f)
     dist.cleanup()
 """)
 
@@ -136,8 +139,8 @@ def test_torchrun_two_processes_gloo(tmp_path):
     for r, res in enumerate(results):
         assert (res["rank"], res["world"], res["local"], res["main"]) == (r, 2, r, r == 0)
         assert res["backend"] == "gloo" and res["distributed"]
-        assert res["total"] == 3.0 and res["peak"] == 10.0
-        assert res["flagged"] is True and res["calm"] is False
+        assert res["total"] == 3.0
+        assert (res["flagged"], res["failed"], res["calm"]) == ("SIGNAL", "FAILURE", "NONE")
         assert res["got"] == {"seed": 1234, "from": 0}
 
 

@@ -11,7 +11,7 @@ import torch
 import yaml
 
 import models  # noqa: F401  (registers the models)
-from helpers import ROOT, run_train, tiny_overrides
+from helpers import ROOT, assert_exact_resume, run_train, signal_at_call, tiny_overrides
 from engine.config import RETIRED_KEYS, OptimConfig, config_from_yaml_text
 from engine.logger import read_jsonl
 from engine.optim import LRSchedule, build_optimizer, build_schedule, param_groups
@@ -63,7 +63,7 @@ def test_resume_reproduces_uninterrupted_run(fake_fmnist, tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     extra = {"train.ema": "true", "train.ema_decay": 0.9, "model.drop_path_rate": 0.1}
     run_train(tiny_overrides(fake_fmnist, full, **extra))
-    run_train(tiny_overrides(fake_fmnist, split, **extra, **{"train.stop_after_epochs": 1}))
+    run_train(tiny_overrides(fake_fmnist, split, **extra, **{"train.stop_after_epochs": 1}), rc=75)
     assert [r["epoch"] for r in read_jsonl(os.path.join(split, "log.jsonl"))] == [0]
     run_train(tiny_overrides(fake_fmnist, split, **extra))  # same command again: resumes
     a = torch.load(os.path.join(full, "last.pth"), weights_only=True)
@@ -79,6 +79,41 @@ def test_resume_reproduces_uninterrupted_run(fake_fmnist, tmp_path):
     la, lb = read_jsonl(os.path.join(full, "log.jsonl")), read_jsonl(os.path.join(split, "log.jsonl"))
     assert [r["lr"] for r in la] == [r["lr"] for r in lb]
     assert [r["val_top1"] for r in la] == [r["val_top1"] for r in lb]
+
+
+def test_a_resume_at_90_percent_of_an_epoch_decodes_only_the_rest_and_ends_as_uninterrupted(
+        tmp_path, monkeypatch, capsys):
+    """A stop signal late in an epoch, with train.log_every far beyond the epoch: the run stops the
+    step after (not at a log step), saves mid-epoch at 90% of it; the resumed job's loader starts at
+    that batch and decodes only the images after it, and the run ends with the weights and log rows
+    of an uninterrupted one, with augmentation, mixup, stochastic depth and EMA all drawing random
+    numbers."""
+    from conftest import write_idx_dataset
+    from data.datasets import FashionMNIST
+
+    data = write_idx_dataset(str(tmp_path / "data"), n_train=160, n_test=20)   # batch 4: 40 steps an epoch
+    extra = {"data.batch_size": 4, "train.log_every": 1000, "train.ema": "true", "train.ema_decay": 0.9,
+             "model.drop_path_rate": 0.1, "data.reprob": 0.25, "data.mixup": 0.8, "data.cutmix": 1.0}
+    full, split = str(tmp_path / "full"), str(tmp_path / "split")
+    run_train(tiny_overrides(data, full, **extra))
+    decoded, real_getitem = [], FashionMNIST.__getitem__
+
+    def getitem(self, index):
+        if len(self) == 160:
+            decoded.append(index)
+        return real_getitem(self, index)
+
+    monkeypatch.setattr(FashionMNIST, "__getitem__", getitem)
+    with monkeypatch.context() as m:
+        signal_at_call(m, 35)
+        run_train(tiny_overrides(data, split, **extra), rc=75)
+    assert "SIGTERM: saved" in capsys.readouterr().out
+    ckpt = torch.load(os.path.join(split, "last.pth"), weights_only=True)
+    assert ckpt["epoch"] == -1 and ckpt["epoch_step"] == 36   # the step after the signal's
+    decoded.clear()
+    run_train(tiny_overrides(data, split, **extra))
+    assert len(decoded) == (40 - 36) * 4 + 40 * 4   # the epoch's last 4 batches, then all of epoch 1
+    assert_exact_resume(full, split)
 
 
 # what an older version wrote for the keys the schema no longer has
@@ -101,7 +136,7 @@ def test_a_run_of_an_older_version_resumes(fake_fmnist, tmp_path):
     assert set(OLD_KEYS) == set(RETIRED_KEYS)
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     run_train(tiny_overrides(fake_fmnist, full))
-    run_train(tiny_overrides(fake_fmnist, split, **{"train.stop_after_epochs": 1}))
+    run_train(tiny_overrides(fake_fmnist, split, **{"train.stop_after_epochs": 1}), rc=75)
     cfg_path = os.path.join(split, "config.yaml")
     with open(cfg_path) as f:
         old = _with_old_keys(yaml.safe_load(f))
@@ -280,19 +315,31 @@ def _count_host_syncs(monkeypatch, trainer):
 @pytest.mark.parametrize("variant", ["fused", "fp16-scaler", "accum-clip-ema"])
 def test_a_training_step_reads_nothing_back_between_log_steps(monkeypatch, variant):
     """The host reads the device once per log step (train.log_every) and never in between: loss,
-    grad norm, the skip decision, the EMA and the stop flag stay on the device."""
-    from engine.loop import LoopOptions
+    grad norm, the skip decision and the EMA stay on the device. The one thing each step hands the
+    host is the ranks' stop votes, which the device copies to host memory after the step's
+    all-reduce; the host takes them one step late (on a GPU it waits for the previous step's
+    event, never for the step being run)."""
+    from engine.loop import LoopOptions, _Votes
 
     accum = 2 if variant == "accum-clip-ema" else 1
     opts = LoopOptions(log_every=4, accum_steps=accum, clip_grad=1.0 if accum == 2 else None,
                        amp="fp16" if variant == "fp16-scaler" else "none")
     scaler = torch.amp.GradScaler("cpu") if variant == "fp16-scaler" else None
     trainer = _tiny_trainer(opts, scaler, ema_decay=0.9 if accum == 2 else 0)
+    exchanges, real_exchange = [], _Votes.exchange
+
+    def exchange(self, votes):
+        exchanges.append((trainer.state.step, self.posted))
+        return real_exchange(self, votes)
+
     seen = _count_host_syncs(monkeypatch, trainer)
+    monkeypatch.setattr(_Votes, "exchange", exchange)
     result = trainer.train_one_epoch(_batches(12 * accum), epoch=0)
     monkeypatch.undo()
     assert result.stats["skipped_steps"] == 0 and math.isfinite(result.stats["train_loss"])
     assert [step for step, _ in seen] == [4, 8, 12], seen   # one read per log step, none on the steps between
+    # every step posts its votes; from the second on, the previous step's are read
+    assert exchanges == [(k, k > 1) for k in range(1, 13)]
 
 
 def test_unfused_adamw_is_the_documented_exception_that_reads_every_step(monkeypatch):
@@ -427,16 +474,19 @@ def test_evaluate_never_counts_a_non_finite_row_as_a_hit():
     assert result["top1"] == pytest.approx(100 * 5 / 6) and result["top5"] == pytest.approx(100 * 5 / 6)
 
 
-def test_tf32_applies_to_cuda_float32_matmuls_only(monkeypatch):
+def test_tf32_applies_to_cuda_float32_matmuls_and_convolutions_only(monkeypatch):
+    """train.tf32 sets both CUDA switches: matmuls and cuDNN's convolutions (the patch embedding),
+    which allow TF32 by default whatever the matmul precision says."""
     from engine.run import set_matmul_precision
 
-    before = torch.get_float32_matmul_precision()
+    before, cudnn_before = torch.get_float32_matmul_precision(), torch.backends.cudnn.allow_tf32
     try:
         set_matmul_precision(True, torch.device("cpu"))
         assert torch.get_float32_matmul_precision() == before   # CPU stays IEEE float32
         set_matmul_precision(True, torch.device("cuda", 0))
-        assert torch.get_float32_matmul_precision() == "high"   # TF32 tensor cores
+        assert torch.get_float32_matmul_precision() == "high" and torch.backends.cudnn.allow_tf32
         set_matmul_precision(False, torch.device("cuda", 0))
-        assert torch.get_float32_matmul_precision() == "highest"
+        assert torch.get_float32_matmul_precision() == "highest" and not torch.backends.cudnn.allow_tf32
     finally:
         torch.set_float32_matmul_precision(before)
+        torch.backends.cudnn.allow_tf32 = cudnn_before
