@@ -49,7 +49,6 @@ def train(cfg, info) -> int:
     from engine import distributed as dist
     from engine.checkpoint import LAST, CheckpointManager, save_checkpoint
     from engine.config import effective_lr
-    from engine.cpu_alloc import apply_allocator_mode
     from engine.logger import RunLogger, console
     from engine.loop import LoopOptions, Trainer, build_criterion, evaluate
     from engine.model import EMA, build_model, built_model_config
@@ -61,7 +60,6 @@ def train(cfg, info) -> int:
     from engine.signals import StopSignals, protect_workers
     from models.multimax import modulators
 
-    apply_allocator_mode(cfg.train.cpu_malloc, info.device.type)
     set_matmul_precision(cfg.train.tf32, info.device)
     loaders = build_loaders(cfg.data, cfg.model.img_size, info.rank, info.world_size, cfg.train.seed,
                             num_classes=cfg.model.num_classes)

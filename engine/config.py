@@ -28,7 +28,6 @@ from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
 
 import yaml
 
-from .cpu_alloc import ALLOCATOR_MODES
 from .errors import UserError
 
 
@@ -65,6 +64,8 @@ PATH_KEYS = ("data.root", "train.output_dir", "train.resume", "model.init_checkp
 # where it is typed now, it is refused with this reason.
 RETIRED_KEYS = {
     "optim.impl": "AdamW runs fused wherever torch has the kernel for the parameters (CPU and CUDA)",
+    "train.cpu_malloc": "glibc's malloc reads its settings from the environment: MALLOC_TRIM_THRESHOLD_, "
+                        "MALLOC_MMAP_THRESHOLD_ (docs/PERFORMANCE.md)",
 }
 
 
@@ -176,7 +177,6 @@ class TrainConfig:
     max_steps_per_epoch: Optional[int] = None  # smoke runs
     stop_after_epochs: Optional[int] = None    # end this job after N epochs (rerun to resume)
     dist_backend: str = "auto"                 # auto | nccl | gloo
-    cpu_malloc: str = "tuned"                  # tuned | default: glibc keeps freed memory (engine.cpu_alloc)
 
 
 @dataclass
@@ -469,7 +469,6 @@ _CHOICES: Dict[str, Tuple[str, ...]] = {
     "train.amp": ("none", "bf16", "fp16"),
     "train.nonfinite": ("stop", "skip"),
     "train.dist_backend": ("auto", "nccl", "gloo"),
-    "train.cpu_malloc": ALLOCATOR_MODES,
 }
 
 _OPTIONAL_CHOICES = ("model.attn_normalizer", "model.out_normalizer")  # None: the model variant's

@@ -33,7 +33,7 @@ _RESUMABLE_CHANGES = {
     "train.resume", "train.allow_config_change", "train.log_every", "train.stop_after_epochs",
     "train.compile", "train.device", "train.dist_backend", "train.output_dir", "train.keep_top_k",
     "train.log_modulators", "train.plot_modulators", "model.attn_backend", "model.grad_checkpointing",
-    "train.cpu_malloc", "train.tf32", "train.max_consecutive_skips",
+    "train.tf32", "train.max_consecutive_skips",
 }
 
 

@@ -163,7 +163,7 @@ class MultiMaxAttention(nn.Module):
     ) -> torch.Tensor:
         dropout = self.training and self.attn_drop.p > 0
         if self.normalizer.name == "multimax" and self.fused_attn and not dropout:
-            # the whole attention as one Function (hand-written backward); inference: cache-sized blocks on CPU
+            # the whole attention as one Function (hand-written backward); plain ops for inference
             return modulated_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
         scores = (q * self.scale) @ k.transpose(-2, -1)
         if self.normalizer.name == "multimax":  # σ + softmax with a lean hand-written backward
