@@ -5,9 +5,9 @@
     python train.py --config configs/deit_small_multimax.yaml optim.lr=5e-4 model.attn_normalizer=softmax
     torchrun --nproc_per_node=8 train.py --config configs/deit_small_multimax.yaml data.root=/data/imagenet
 
-Trailing key.sub=value arguments override the config. Every key with its default and meaning:
-engine/config.py (ModelConfig, DataConfig, OptimConfig, TrainConfig) and README.md "Configs";
---print-config prints the full config a command line resolves to.
+Trailing key.sub=value arguments override the config. --print-config prints the full config a
+command line resolves to, each key with its meaning and allowed values (declared in
+engine/config.py: ModelConfig, DataConfig, OptimConfig, TrainConfig; README.md "Configs").
 
 The run directory is train.output_dir. Rerunning the same command resumes from its last.pth;
 a finished run says so and changes nothing; train.resume=none starts over (the previous run's
@@ -23,8 +23,23 @@ import argparse
 import os
 import sys
 
-from engine.config import dump_config, load_config
+import torch
+
+from data import build_loaders, set_epoch
+from engine import distributed as dist
+from engine.checkpoint import LAST, CheckpointManager, save_checkpoint
+from engine.config import dump_config, effective_lr, load_config
 from engine.errors import EXIT_NONFINITE, EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError
+from engine.logger import RunLogger, console
+from engine.loop import LoopOptions, NonFiniteLossError, Trainer, build_criterion, evaluate
+from engine.model import EMA, build_model, built_model_config
+from engine.optim import build_optimizer, build_schedule, describe_groups
+from engine.run import (
+    RunLock, check_run_dir, epoch_record, find_resume, prepare_run_dir, restore_training_state, seed_epoch,
+    set_matmul_precision, training_state, wrap_model,
+)
+from engine.signals import StopSignals, protect_workers
+from models.multimax import modulators
 
 DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.abspath(__file__)), "configs", "quickstart.yaml")
 
@@ -34,7 +49,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="YAML config (default: configs/quickstart.yaml, the CPU demo on Fashion-MNIST)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the full resolved config (defaults <- file <- overrides) as YAML and exit")
+                   help="print the full resolved config (defaults <- file <- overrides) as YAML, each key "
+                        "with its meaning, and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=10")
     return p.parse_args(argv)
 
@@ -42,24 +58,6 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(cfg, info) -> int:
     """The whole run: data, model, optimiser, resume, then epochs of train → eval → checkpoint → log.
     Returns the exit code."""
-    # imported here rather than above, so that --help and --print-config answer without loading torch
-    import torch
-
-    from data import build_loaders, set_epoch
-    from engine import distributed as dist
-    from engine.checkpoint import LAST, CheckpointManager, save_checkpoint
-    from engine.config import effective_lr
-    from engine.logger import RunLogger, console
-    from engine.loop import LoopOptions, Trainer, build_criterion, evaluate
-    from engine.model import EMA, build_model, built_model_config
-    from engine.optim import build_optimizer, build_schedule, describe_groups
-    from engine.run import (
-        RunLock, check_run_dir, epoch_record, find_resume, prepare_run_dir, restore_training_state, seed_epoch,
-        set_matmul_precision, training_state, wrap_model,
-    )
-    from engine.signals import StopSignals, protect_workers
-    from models.multimax import modulators
-
     set_matmul_precision(cfg.train.tf32, info.device)
     loaders = build_loaders(cfg.data, cfg.model.img_size, info.rank, info.world_size, cfg.train.seed,
                             num_classes=cfg.model.num_classes)
@@ -154,11 +152,8 @@ def main(argv=None) -> int:
     except UserError as e:
         return _fail(e, EXIT_USER_ERROR)
     if args.print_config:
-        print(dump_config(cfg), end="")
+        print(dump_config(cfg, help=True), end="")
         return EXIT_OK
-    from engine import distributed as dist
-    from engine.loop import NonFiniteLossError
-
     info = None
     try:
         info = dist.init_distributed(cfg.train.device, cfg.train.dist_backend)

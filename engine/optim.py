@@ -20,7 +20,6 @@ import torch
 import torch.nn as nn
 
 from .config import OptimConfig
-from .errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
@@ -41,8 +40,6 @@ def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW over ``param_groups`` at learning rate ``lr`` (the schedule overwrites it every step)."""
-    if cfg.opt.lower() != "adamw":
-        raise UserError(f"optim.opt: only 'adamw' is supported (the DeiT recipe), got {cfg.opt!r}")
     groups = param_groups(model, cfg.weight_decay)
     fused = True if fusable([p for g in groups for p in g["params"]]) else None  # None: torch's default
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)

@@ -1,5 +1,5 @@
 """MultiMax models. Importing this package registers the models with timm."""
-from . import choices  # an attribute here even when engine.config loaded it before this package
+from . import choices
 from .attention import MultiMaxAttention
 from .multimax import (
     NORMALIZERS, SegLU, build_normalizer, entmax15, evsoftmax, modulators, multimax, seglu,

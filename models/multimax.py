@@ -19,7 +19,7 @@ import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from .choices import MODULATOR_INITS, NORMALIZERS
+from .choices import MODULATOR_INITS, NORMALIZERS, check_choice
 
 EVSOFTMAX_TRAIN_EPS = 1e-6
 
@@ -105,8 +105,7 @@ class SegLU(nn.Module):
         super().__init__()
         if order < 1:
             raise ValueError(f"SegLU order must be >= 1, got {order}")
-        if init not in MODULATOR_INITS:
-            raise ValueError(f"SegLU init must be one of {MODULATOR_INITS}, got {init!r}")
+        check_choice("SegLU init", init, MODULATOR_INITS)
         self.order = order
         self.init = init
         self.ranges = nn.Parameter(torch.zeros(2 * order))
@@ -237,8 +236,7 @@ def build_normalizer(
     temperature: float = 1.0,
 ) -> Normalizer:
     """A normalizer module by name: one of ``NORMALIZERS``."""
-    if name not in _NORMALIZER_CLASSES:
-        raise ValueError(f"unknown normalizer {name!r}; choose one of {', '.join(NORMALIZERS)}")
+    check_choice("normalizer", name, NORMALIZERS)
     return _NORMALIZER_CLASSES[name](order, init, affine, temperature)
 
 
