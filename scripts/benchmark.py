@@ -12,8 +12,8 @@
 (scripts/benchmark_memory.py measures the peak memory of one attention layer.)
 
 Each variant is built and warmed up (this includes torch.compile), then the variants of a group
-are timed round-robin, in A B B A order (``engine.benchmarking``, which also says what the clocks
-and the confidence interval are). Reported: the median step time over repeats (→ img/s) and,
+are timed round-robin, in A B B A order (``_benchmarking.py``, which also says what the clocks and
+the confidence interval are). Reported: the median step time over repeats (→ img/s) and,
 against the baseline (the same architecture, mode, compile flag and dtype with
 softmax attention), the median of the per-repeat time ratios with its 95% confidence interval,
 and the ratio of the fastest repeats (the least disturbed ones on a shared machine); also the
@@ -22,7 +22,7 @@ step, the optimizer built as train.py builds it (``engine.optim.build_optimizer`
 parameter groups, fused AdamW on CPU and CUDA); an inference step is a forward under
 inference_mode.
 "peak extra MB" is the peak of memory allocated during one step above what was allocated before
-it (weights, optimizer state, the input batch), as ``engine.benchmarking.ExtraMemory`` counts it
+it (weights, optimizer state, the input batch), as ``_benchmarking.ExtraMemory`` counts it
 (not reported for compiled variants on CPU, whose buffers that counter cannot see).
 """
 from __future__ import annotations
@@ -45,7 +45,7 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
-from engine.benchmarking import (  # noqa: E402
+from scripts._benchmarking import (  # noqa: E402
     ExtraMemory, add_common_args, autocast, fmt, markdown_table, median_ci, meta_model, parse_cli_args, run_cli, setup,
     sync, time_rounds, write_report,
 )

@@ -1,12 +1,12 @@
 """scripts/benchmark.py and scripts/benchmark_memory.py: end to end on tiny models, the variant
-axes, the deit preset and the statistics; the memory counters (engine.benchmarking, the RSS
+axes, the deit preset and the statistics; the memory counters (scripts/_benchmarking.py, the RSS
 probe) and the memory target they measure (chunked attention's peak)."""
 import json
 
 import pytest
 import torch
 
-from engine.benchmarking import LiveTensorBytes, median_ci
+from scripts._benchmarking import LiveTensorBytes, median_ci
 from helpers import load_script
 from models.attention_kernels import ScoreModulation, chunked_attention, modulated_softmax
 from models.multimax import build_normalizer

@@ -1,5 +1,5 @@
-"""What the two benchmark scripts share: scripts/benchmark.py (step times of whole models) and
-scripts/benchmark_memory.py (peak memory of one attention layer).
+"""What the two benchmark scripts share: benchmark.py (step times of whole models) and
+benchmark_memory.py (peak memory of one attention layer).
 
 Timing: the variants of a comparison are built and warmed up first, then timed round-robin
 (``time_rounds``): repeat r times {for each variant: ``steps`` steps}, in reverse order every
@@ -36,8 +36,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .errors import EXIT_OK, EXIT_USER_ERROR, UserError
-from .loop import AMP_DTYPES, autocast as _amp_autocast
+from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from engine.loop import AMP_DTYPES, autocast as _amp_autocast
 
 DTYPES = {"fp32": None, **AMP_DTYPES}  # the --dtype choices: engine.loop's AMP dtypes, "none" named fp32
 MB = 2.0 ** 20
