@@ -2,8 +2,8 @@
 from . import choices
 from .attention import MultiMaxAttention
 from .multimax import (
-    NORMALIZERS, SegLU, build_normalizer, entmax15, evsoftmax, modulators, multimax, seglu,
-    softmax, sparsemax,
+    NORMALIZERS, ModulatorParams, SegLU, build_normalizer, entmax15, evsoftmax, modulator_params, modulators,
+    modulators_from_state_dict, multimax, seglu, softmax, sparsemax,
 )
 from .recording import AttentionRecord, attention_layers, record_attention
 from .vision_transformer import MultiMaxVisionTransformer
@@ -13,7 +13,8 @@ from .weights import (
 
 __all__ = [
     "choices", "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "NORMALIZERS", "SegLU",
-    "build_normalizer", "entmax15", "evsoftmax", "modulators", "multimax", "seglu", "softmax",
+    "build_normalizer", "entmax15", "evsoftmax", "ModulatorParams", "modulator_params", "modulators",
+    "modulators_from_state_dict", "multimax", "seglu", "softmax",
     "sparsemax", "MultiMaxVisionTransformer", "CheckpointMismatchError", "CheckpointReadError", "LoadResult",
     "infer_model_kwargs", "load_weights", "read_checkpoint",
 ]
