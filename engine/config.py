@@ -116,9 +116,12 @@ def dataset_name_problem(name: str) -> Optional[str]:
         close = _close_timm_dataset(rest.lower())
         hint = f"; did you mean 'torch/{close}'?" if close else ""
         return f"is not a torchvision dataset timm's factory builds (timm.data.create_dataset){hint}"
-    close = difflib.get_close_matches(lower, [FASHION_MNIST_NAMES[0], IMAGEFOLDER_NAMES[0]], n=1)
-    if not close and not slash and lower and timm_builds_torch_dataset(lower):
+    if slash:  # another prefix
+        close = [f"{p}/{rest}" for p in difflib.get_close_matches(prefix, ["torch", "hfds"], n=1)]
+    elif lower and timm_builds_torch_dataset(lower):
         close = [f"torch/{lower}"]
+    else:
+        close = difflib.get_close_matches(lower, [FASHION_MNIST_NAMES[0], IMAGEFOLDER_NAMES[0]], n=1)
     hint = f"; did you mean '{close[0]}'?" if close else ""
     return f"is not a known dataset (fashion_mnist | imagefolder | torch/<name> | hfds/<name>){hint}"
 

@@ -343,7 +343,7 @@ def test_override_without_equals_sign():
 
 @pytest.mark.parametrize("name, suggestion", [
     ("fashion_mnsit", "fashion_mnist"), ("cifar10", "torch/cifar10"), ("imagefoldr", "imagefolder"),
-    ("torch/cifar01", "torch/cifar10"), ("ImageFolders", "imagefolder"),
+    ("torch/cifar01", "torch/cifar10"), ("ImageFolders", "imagefolder"), ("tourch/cifar10", "torch/cifar10"),
 ])
 def test_unknown_dataset_names_get_a_suggestion(name, suggestion, tmp_path):
     msg = error(None, [f"data.dataset={name}"])
