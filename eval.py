@@ -48,7 +48,6 @@ from data import build_eval_loader
 from engine import distributed as dist
 from engine.checkpoint import download_checkpoint, is_url, load_checkpoint
 from engine.config import Config, config_to_dict
-from engine.cpu_alloc import apply_allocator_mode
 from engine.errors import EXIT_NONFINITE, EXIT_OK, EXIT_USER_ERROR, UserError
 from engine.evaluation import EvalSpec, checkpoint_model, eval_config, head_rows, source_crop_mode, source_state_dict
 from engine.loop import evaluate
@@ -316,7 +315,6 @@ def evaluate_source(src: Source, args: argparse.Namespace,
         loader = _MappedLabels(loader, mapping)
     mean, std = list(d.mean or data_info.mean), list(d.std or data_info.std)
     model.to(info.device).eval()
-    apply_allocator_mode(cfg.train.cpu_malloc, info.device.type)
     if info.device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(info.device)
 

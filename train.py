@@ -5,9 +5,9 @@
     python train.py --config configs/deit_small_multimax.yaml optim.lr=5e-4 model.attn_normalizer=softmax
     torchrun --nproc_per_node=8 train.py --config configs/deit_small_multimax.yaml data.root=/data/imagenet
 
-Trailing key.sub=value arguments override the config. Every key with its default and meaning:
-engine/config.py (ModelConfig, DataConfig, OptimConfig, TrainConfig) and README.md "Configs";
---print-config prints the full config a command line resolves to.
+Trailing key.sub=value arguments override the config. --print-config prints the full config a
+command line resolves to, each key with its meaning and allowed values (declared in
+engine/config.py: ModelConfig, DataConfig, OptimConfig, TrainConfig; README.md "Configs").
 
 The run directory is train.output_dir. Rerunning the same command resumes from its last.pth;
 a finished run says so and changes nothing; train.resume=none starts over (the previous run's
@@ -42,7 +42,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--config", default=DEFAULT_CONFIG,
                    help="YAML config (default: configs/quickstart.yaml, the CPU demo on Fashion-MNIST)")
     p.add_argument("--print-config", action="store_true",
-                   help="print the full resolved config (defaults <- file <- overrides) as YAML and exit")
+                   help="print the full resolved config (defaults <- file <- overrides) as YAML, each key "
+                        "with its meaning, and exit")
     p.add_argument("overrides", nargs="*", help="dotted overrides, e.g. optim.lr=1e-3 train.epochs=10")
     return p.parse_args(argv)
 
@@ -50,7 +51,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def train(cfg, info, stop: StopSignals) -> int:
     """The whole run: data, model, optimiser, resume, then epochs of train → eval → checkpoint → log.
     Returns the exit code. ``stop``: the process's stop signals, still in their setup phase."""
-    # imported here rather than above, so that --help and --print-config answer without loading torch
+    # imported here, once main() has the stop signals in place: a Ctrl-C while torch loads is then a
+    # one-line exit 130, and --help and --print-config answer without loading torch
     import contextlib
 
     import torch
@@ -58,7 +60,6 @@ def train(cfg, info, stop: StopSignals) -> int:
     from data import build_loaders, set_epoch
     from engine.checkpoint import LAST, CheckpointManager, save_checkpoint
     from engine.config import effective_lr
-    from engine.cpu_alloc import apply_allocator_mode
     from engine.logger import RunLogger, console
     from engine.loop import LoopOptions, Trainer, agree, build_criterion, evaluate
     from engine.model import EMA, build_model, built_model_config
@@ -70,7 +71,6 @@ def train(cfg, info, stop: StopSignals) -> int:
     from engine.signals import Halt, protect_workers, start_compile_workers
     from models.multimax import modulators
 
-    apply_allocator_mode(cfg.train.cpu_malloc, info.device.type)
     set_matmul_precision(cfg.train.tf32, info.device)
     loaders = build_loaders(cfg.data, cfg.model.img_size, info.rank, info.world_size, cfg.train.seed,
                             num_classes=cfg.model.num_classes)
@@ -225,7 +225,7 @@ def _main(argv, stop: StopSignals) -> int:
         try:
             cfg = load_config(args.config, args.overrides)
             if args.print_config:
-                print(dump_config(cfg), end="")
+                print(dump_config(cfg, help=True), end="")
                 return EXIT_OK
             from engine import distributed as dist
 

@@ -26,7 +26,7 @@ from typing import Any, Callable, Dict, List, Optional, Sequence
 import torch
 import torch.nn as nn
 
-from models.multimax import modulators
+from models.multimax import modulator_params
 from models.recording import AttentionRecord, attention_layers
 
 DEFAULT_THRESHOLDS = (1e-4, 1e-3, 1e-2)
@@ -220,7 +220,7 @@ class AttentionStats:
         return {
             "layers": layers,
             "mean": self._means(pooled) if pooled is not None else {},
-            "modulators": modulator_params(model) if model is not None else {},
+            "modulators": {n: p.lists() for n, p in modulator_params(model).items()} if model is not None else {},
             "eps": self.eps,
             "s": "softmax_min" if self.s is None else self.s,
             "thresholds": list(self.thresholds),
@@ -228,16 +228,5 @@ class AttentionStats:
         }
 
 
-def modulator_params(model: nn.Module) -> Dict[str, Dict[str, List[float]]]:
-    """Every SegLU's learned parameters by module name (``ranges``, ``ts``; ``scale``/``shift`` if affine)."""
-    out = {}
-    for name, mod in modulators(model).items():
-        params = {"ranges": mod.ranges, "ts": mod.ts}
-        if mod.scale is not None:
-            params.update(scale=mod.scale, shift=mod.shift)
-        out[name] = {k: v.detach().float().cpu().tolist() for k, v in params.items()}
-    return out
-
-
 __all__ = ["DEFAULT_THRESHOLDS", "multimodality", "sparsity", "entropy", "fraction_below",
-           "AttentionStats", "modulator_params"]
+           "AttentionStats"]

@@ -1,11 +1,15 @@
 """Typed run configuration: defaults → YAML file (with ``_base_``) → dotted CLI overrides.
 
-The dataclasses are the schema that train.py, eval.py, data/ and engine/ code against.
-``load_config`` starts from their defaults, applies a YAML file (after the files its
-``_base_`` names, recursively; mappings merge key by key), then ``key.sub=value`` overrides,
-and checks every key, type and value range. Mistakes raise ``UserError`` naming the dotted
-key and where it came from (file or command line). ``resolve_config`` adds the derived
-values (global batch, effective lr, git SHA, versions) that the run directory records.
+The dataclasses are the schema that train.py, eval.py, data/ and engine/ code against. Each key
+is declared once, by ``key``: its type (the annotation), default, one-line help, allowed values
+(``choices`` or a ``check``), whether it holds a path and whether a resumed run may change it.
+The checks, ``dump_config(help=True)`` (``train.py --print-config``), the resume check
+(``engine.run``) and the training loop's options (``engine.loop.LoopOptions``) read these
+declarations (``KEYS``). ``load_config`` starts from the defaults, applies a YAML file (after the
+files its ``_base_`` names, recursively; mappings merge key by key), then ``key.sub=value``
+overrides, and checks every key, type and value. Mistakes raise ``UserError`` naming the dotted
+key and where it came from (file or command line). ``resolve_config`` adds the derived values
+(global batch, effective lr, git SHA, versions) that the run directory records.
 """
 from __future__ import annotations
 
@@ -15,168 +19,267 @@ import datetime
 import difflib
 import functools
 import importlib.metadata
-import importlib.util
 import math
 import os
 import platform
+import re
 import subprocess
-import sys
-import types
+import tempfile
 import typing
 from dataclasses import dataclass, field
-from typing import Any, Callable, Dict, Iterable, List, Optional, Tuple
+from typing import Any, Callable, Dict, Iterable, Iterator, List, Optional, Tuple
 
+import torchvision.datasets
 import yaml
+from timm.data import create_dataset as timm_create_dataset
 
-from .cpu_alloc import ALLOCATOR_MODES
+from models.choices import ATTN_BACKENDS, MODULATOR_INITS, NORMALIZERS, OUT_NORMALIZERS, choice_problem
+
 from .errors import UserError
 
-
-def _model_choices() -> types.ModuleType:
-    """``models.choices``, the values of the model knobs, loaded from its file without running
-    ``models/__init__`` (torch, timm: seconds a config check does not need). It is registered
-    under its own name, so a later ``import models`` uses this very module."""
-    name = "models.choices"
-    if name not in sys.modules:
-        path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "models", "choices.py")
-        spec = importlib.util.spec_from_file_location(name, path)
-        module = importlib.util.module_from_spec(spec)
-        sys.modules[name] = module
-        spec.loader.exec_module(module)
-    return sys.modules[name]
-
-
-MODEL_CHOICES = _model_choices()
-LR_SCHEDULES = ("cosine_epoch", "cosine", "constant")  # engine.optim.build_schedule
-
-# data.dataset: ours (any spelling below), or one of timm's map-style datasets: torch/<name> for the
-# torchvision datasets timm's factory builds, hfds/<name> for Hugging Face datasets. timm's
-# streaming kinds cannot be sharded by the samplers in data/.
-FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist")
-IMAGEFOLDER_NAMES = ("imagefolder", "image_folder")
-TIMM_TORCH_DATASETS = ("cifar10", "cifar100", "mnist", "kmnist", "fashion_mnist", "qmnist", "places365",
-                       "inaturalist", "inat", "imagenet", "image_folder", "folder")
-TIMM_STREAMING_PREFIXES = ("hfids", "tfds", "wds")
-# Keys holding paths: a leading ~ is expanded as the shell would.
-PATH_KEYS = ("data.root", "train.output_dir", "train.resume", "model.init_checkpoint")
 # Keys the schema no longer has, with what replaced them. Each only chose how fast a step ran, never
 # what it computed, so a file that sets one (an older run directory's config.yaml, a checkpoint's
 # stored config, a config copied from them) still loads with the key dropped; on the command line,
 # where it is typed now, it is refused with this reason.
 RETIRED_KEYS = {
     "optim.impl": "AdamW runs fused wherever torch has the kernel for the parameters (CPU and CUDA)",
+    "train.cpu_malloc": "glibc's malloc reads its settings from the environment: MALLOC_TRIM_THRESHOLD_, "
+                        "MALLOC_MMAP_THRESHOLD_ (docs/PERFORMANCE.md)",
 }
+
+
+# ---------------------------------------------------------------- value checks
+
+# A check: what is wrong with a value, completing "<key> = <value> ...", or None if nothing is.
+Check = Callable[[Any], Optional[str]]
+
+
+def _rule(allowed: str, ok: Callable[[Any], bool]) -> Check:
+    return lambda v: None if ok(v) else f"is out of range: must be {allowed}"
+
+
+POSITIVE = _rule("> 0", lambda v: v > 0)
+AT_LEAST_1 = _rule(">= 1", lambda v: v >= 1)
+NON_NEGATIVE = _rule(">= 0", lambda v: v >= 0)
+PROBABILITY = _rule("in [0, 1]", lambda v: 0 <= v <= 1)
+BELOW_1 = _rule("in [0, 1)", lambda v: 0 <= v < 1)
+NOT_EMPTY = _rule("not empty", lambda v: len(v) > 0)
+AREA_RANGE = _rule("[min, max] with 0 < min <= max <= 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1)
+
+# data.dataset: ours (any spelling below), or one of timm's map-style datasets: torch/<name> for the
+# torchvision datasets timm's factory builds, hfds/<name> for Hugging Face datasets. timm's
+# streaming kinds cannot be sharded by the samplers in data/.
+FASHION_MNIST_NAMES = ("fashion_mnist", "fashion-mnist", "fashionmnist")
+IMAGEFOLDER_NAMES = ("imagefolder", "image_folder")
+TIMM_STREAMING_PREFIXES = ("hfids", "tfds", "wds")
+
+
+@functools.lru_cache(maxsize=None)
+def timm_builds_torch_dataset(name: str) -> bool:
+    """Whether timm's dataset factory builds ``torch/<name>``, asked of the factory itself: given an
+    empty directory, a name it builds fails for want of the files, any other name as unknown."""
+    with tempfile.TemporaryDirectory() as root:
+        try:
+            timm_create_dataset(f"torch/{name}", root=root, split="validation", download=False)
+        except AssertionError as e:
+            return "Unknown torchvision dataset" not in str(e)
+        except Exception:  # the dataset class refused the empty directory: timm knows the name
+            return True
+    return True
+
+
+def _close_timm_dataset(name: str) -> Optional[str]:
+    """The torchvision dataset timm builds that is closest to ``name`` (lower case), if any is close:
+    candidates are torchvision's dataset class names (CIFAR10 → cifar10, FashionMNIST → fashionmnist
+    and fashion_mnist), each confirmed with timm."""
+    names = torchvision.datasets.__all__
+    candidates = {n.lower() for n in names} | {re.sub(r"(?<=[a-z])(?=[A-Z])", "_", n).lower() for n in names}
+    return next((c for c in difflib.get_close_matches(name, sorted(candidates), n=5) if timm_builds_torch_dataset(c)),
+                None)
+
+
+def dataset_name_problem(name: str) -> Optional[str]:
+    """What is wrong with ``data.dataset = name`` (completing "data.dataset = 'name' ..."), or None.
+    Prefixes are case-insensitive, as in timm's factory, and so are torch/ names."""
+    prefix, slash, rest = name.partition("/")
+    prefix, lower = prefix.lower(), name.lower()
+    if not slash and lower in FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES:
+        return None
+    if slash and prefix == "hfds" and rest:
+        return None
+    if slash and prefix in TIMM_STREAMING_PREFIXES:
+        return ("is a streaming (iterable) dataset, which the samplers here cannot shard; use an ImageFolder "
+                "copy (imagefolder) or a map-style dataset (torch/<name>, hfds/<name>)")
+    if slash and prefix == "torch":
+        if rest and timm_builds_torch_dataset(rest.lower()):
+            return None
+        close = _close_timm_dataset(rest.lower())
+        hint = f"; did you mean 'torch/{close}'?" if close else ""
+        return f"is not a torchvision dataset timm's factory builds (timm.data.create_dataset){hint}"
+    if slash:  # another prefix
+        close = [f"{p}/{rest}" for p in difflib.get_close_matches(prefix, ["torch", "hfds"], n=1)]
+    elif lower and timm_builds_torch_dataset(lower):
+        close = [f"torch/{lower}"]
+    else:
+        close = difflib.get_close_matches(lower, [FASHION_MNIST_NAMES[0], IMAGEFOLDER_NAMES[0]], n=1)
+    hint = f"; did you mean '{close[0]}'?" if close else ""
+    return f"is not a known dataset (fashion_mnist | imagefolder | torch/<name> | hfds/<name>){hint}"
+
+
+# ---------------------------------------------------------------- the schema
+
+@dataclass(frozen=True)
+class Key:
+    """What the schema says of one key besides its name and type; declared with ``key``."""
+
+    help: str
+    choices: Tuple[Any, ...] = ()
+    check: Optional[Check] = None
+    path: bool = False       # a path: a leading ~ is the home directory, as in the shell
+    resumable: bool = False  # a resumed run may change it: paths, throughput knobs, stopping, logging
+
+
+def key(default: Any, help: str, *, choices: Tuple[Any, ...] = (), check: Optional[Check] = None,
+        path: bool = False, resumable: bool = False) -> Any:
+    """A config field: ``default`` (a list or mapping is copied for each instance) and its ``Key``.
+    A null value skips ``choices`` and ``check``: the type (Optional or not) decides whether it may be null."""
+    meta = {"key": Key(help, tuple(choices), check, path, resumable)}
+    if isinstance(default, (list, dict)):
+        return field(default_factory=lambda: copy.deepcopy(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
 
 @dataclass
 class ModelConfig:
-    name: str = "vit_micro_multimax_patch7_28"
-    num_classes: Optional[int] = None          # None: taken from the dataset
-    img_size: int = 28
-    patch_size: Optional[int] = None           # None: the registered model's
-    in_chans: Optional[int] = None             # None: taken from the dataset
-    # None: the registered variant's (*_multimax_* → multimax, *_gap_* → softmax); train.py records
-    # the normalizers it built in the run's config.yaml
-    attn_normalizer: Optional[str] = None      # models/choices.py: NORMALIZERS
-    out_normalizer: Optional[str] = None       # OUT_NORMALIZERS
-    modulator_order: int = 2
-    modulator_init: str = "trunc_normal"       # MODULATOR_INITS
-    modulator_affine: bool = False             # x -> t*x + b before sigma (authors' later variant)
-    softmax_temperature: float = 1.0
-    qkv_bias: bool = False                     # the paper's code has none
-    attn_backend: str = "auto"                 # ATTN_BACKENDS (which runs where: docs/PERFORMANCE.md)
+    name: str = key("vit_micro_multimax_patch7_28", "a timm model name (ours: models/vision_transformer.py)",
+                    check=NOT_EMPTY)
+    num_classes: Optional[int] = key(None, "classes of the head; null: the dataset's", check=AT_LEAST_1)
+    img_size: int = key(28, "input image size in pixels (square)", check=AT_LEAST_1)
+    patch_size: Optional[int] = key(None, "patch size; null: the registered model's", check=AT_LEAST_1)
+    in_chans: Optional[int] = key(None, "input channels; null: the dataset's", check=AT_LEAST_1)
+    # train.py records the normalizers it built in the run's config.yaml
+    attn_normalizer: Optional[str] = key(None, "attention normalizer; null: the model name's (*_multimax_*: "
+                                         "multimax, *_gap_*: softmax)", choices=NORMALIZERS)
+    out_normalizer: Optional[str] = key(None, "output normalizer; null: the model name's", choices=OUT_NORMALIZERS)
+    modulator_order: int = key(2, "SegLU order N of every modulator", check=AT_LEAST_1)
+    modulator_init: str = key("trunc_normal", "SegLU init: truncated normal, std 0.02 (the paper's), or zeros "
+                              "(σ = identity)", choices=MODULATOR_INITS)
+    modulator_affine: bool = key(False, "x -> t*x + b before σ in the attention modulators (the authors' later "
+                                        "variant)")
+    softmax_temperature: float = key(1.0, "temperature of the softmax attention normalizer", check=POSITIVE)
+    qkv_bias: bool = key(False, "bias in the qkv projection (the paper's code has none)")
+    attn_backend: str = key("auto", "attention kernel (which runs where: docs/PERFORMANCE.md)", choices=ATTN_BACKENDS,
+                            resumable=True)
     # Dropout as timm 1.x names it. The paper's (and DeiT's) `drop_rate` is pos_drop_rate and
     # proj_drop_rate at one value; timm 1.x's drop_rate is the head dropout, which the paper's code lacks.
-    drop_rate: float = 0.0                     # before the classifier head
-    pos_drop_rate: float = 0.0                 # after adding the position embedding
-    proj_drop_rate: float = 0.0                # after the attention projection and in the MLP
-    attn_drop_rate: float = 0.0                # on the attention probabilities
-    drop_path_rate: float = 0.1
-    grad_checkpointing: bool = False
-    init_checkpoint: str = ""                  # weights to start from (models.load_weights)
-    kwargs: Dict[str, Any] = field(default_factory=dict)  # extra timm.create_model kwargs
+    drop_rate: float = key(0.0, "dropout before the classifier head", check=PROBABILITY)
+    pos_drop_rate: float = key(0.0, "dropout after adding the position embedding", check=PROBABILITY)
+    proj_drop_rate: float = key(0.0, "dropout after the attention projection and in the MLP", check=PROBABILITY)
+    attn_drop_rate: float = key(0.0, "dropout on the attention probabilities", check=PROBABILITY)
+    drop_path_rate: float = key(0.1, "stochastic depth: the last block's drop probability", check=PROBABILITY)
+    grad_checkpointing: bool = key(False, "recompute each block in the backward pass (less memory)", resumable=True)
+    init_checkpoint: str = key("", "weights to start from, a file or URL (models.load_weights); '': none", path=True)
+    kwargs: Dict[str, Any] = key({}, "extra timm.create_model kwargs")
 
 
 @dataclass
 class DataConfig:
-    dataset: str = "fashion_mnist"             # fashion_mnist | imagefolder | torch/<name> | hfds/<name> (timm)
-    root: str = ""                             # fashion_mnist: "" = Debian's package or the user cache
-    train_split: str = "train"
-    val_split: str = "val"
-    download: bool = False                     # fetch a missing dataset (fashion_mnist, torch/<name>)
-    batch_size: int = 128                      # per process
-    eval_batch_size: Optional[int] = None      # None: 1.5 x batch_size (DeiT)
-    workers: int = 8
-    pin_memory: bool = True
-    train_transform: str = "deit"              # deit | light (random crop + flip) | none
-    scale: List[float] = field(default_factory=lambda: [0.08, 1.0])
-    ratio: List[float] = field(default_factory=lambda: [3.0 / 4.0, 4.0 / 3.0])
-    hflip: float = 0.5
-    color_jitter: float = 0.3
-    auto_augment: str = "rand-m9-mstd0.5-inc1"  # "" disables
-    interpolation: str = "bicubic"
-    crop_pct: float = 0.875
-    mean: Optional[List[float]] = None         # None: the dataset's default
-    std: Optional[List[float]] = None
-    reprob: float = 0.25
-    remode: str = "pixel"
-    recount: int = 1
-    repeated_aug: int = 3                      # copies per image, one per process (capped at the process
-                                               # count: off on one process, as in DeiT); 1 disables it
-    mixup: float = 0.8
-    cutmix: float = 1.0
-    cutmix_minmax: Optional[List[float]] = None
-    mixup_prob: float = 1.0
-    mixup_switch_prob: float = 0.5
-    mixup_mode: str = "batch"
-    smoothing: float = 0.1
-    bad_images: str = "error"                  # error | skip
-    max_train_samples: Optional[int] = None    # subsets for smoke runs
-    max_val_samples: Optional[int] = None
+    dataset: str = key("fashion_mnist", "fashion_mnist | imagefolder | torch/<name> | hfds/<name> (timm's factory)",
+                       check=dataset_name_problem)
+    root: str = key("", "dataset directory; fashion_mnist: '' = Debian's package or the user cache", path=True,
+                    resumable=True)
+    train_split: str = key("train", "the split to train on")
+    val_split: str = key("val", "the split to evaluate on")
+    download: bool = key(False, "fetch a missing dataset (fashion_mnist, torch/<name>)")
+    batch_size: int = key(128, "images per process and step", check=AT_LEAST_1)
+    eval_batch_size: Optional[int] = key(None, "null: 1.5 x batch_size (DeiT)", check=AT_LEAST_1, resumable=True)
+    workers: int = key(8, "data loading processes per training process", check=NON_NEGATIVE, resumable=True)
+    pin_memory: bool = key(True, "page-locked batches (faster copies to the GPU)", resumable=True)
+    train_transform: str = key("deit", "training augmentation: deit (timm's, the recipe's), light (random crop + "
+                                       "flip) or none",
+                               choices=("deit", "light", "none"))
+    scale: List[float] = key([0.08, 1.0], "random resized crop: the area's range", check=AREA_RANGE)
+    ratio: List[float] = key([3.0 / 4.0, 4.0 / 3.0], "random resized crop: the aspect ratio's range",
+                             check=_rule("[min, max] with 0 < min <= max", lambda v: len(v) == 2 and 0 < v[0] <= v[1]))
+    hflip: float = key(0.5, "horizontal flip probability", check=PROBABILITY)
+    color_jitter: float = key(0.3, "color jitter strength", check=NON_NEGATIVE)
+    auto_augment: str = key("rand-m9-mstd0.5-inc1", "timm's auto-augment policy; '' disables it")
+    interpolation: str = key("bicubic", "resize interpolation",
+                             choices=("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"))
+    crop_pct: float = key(0.875, "evaluation: the center crop's share of the resized image",
+                          check=_rule("in (0, 1]", lambda v: 0 < v <= 1))
+    mean: Optional[List[float]] = key(None, "per-channel mean; null: the dataset's", check=NOT_EMPTY)
+    std: Optional[List[float]] = key(None, "per-channel std; null: the dataset's", check=_rule(
+        "a list of numbers > 0", lambda v: len(v) > 0 and all(s > 0 for s in v)))
+    reprob: float = key(0.25, "random erasing probability", check=PROBABILITY)
+    remode: str = key("pixel", "random erasing mode (timm's)", choices=("pixel", "rand", "const"))
+    recount: int = key(1, "random erasing count", check=AT_LEAST_1)
+    repeated_aug: int = key(3, "copies of each image per epoch, one per process (at most the process count: off on "
+                               "one process, as in DeiT); 1 disables it", check=AT_LEAST_1)
+    mixup: float = key(0.8, "mixup alpha; 0 disables it", check=NON_NEGATIVE)
+    cutmix: float = key(1.0, "cutmix alpha; 0 disables it", check=NON_NEGATIVE)
+    cutmix_minmax: Optional[List[float]] = key(None, "cutmix box size range (instead of the alpha)", check=AREA_RANGE)
+    mixup_prob: float = key(1.0, "probability of mixup or cutmix per batch", check=PROBABILITY)
+    mixup_switch_prob: float = key(0.5, "probability of cutmix instead of mixup when both are on", check=PROBABILITY)
+    mixup_mode: str = key("batch", "mixup parameters per batch, pair or element (timm's)",
+                          choices=("batch", "pair", "elem"))
+    smoothing: float = key(0.1, "label smoothing", check=BELOW_1)
+    bad_images: str = key("error", "an unreadable image: stop naming it, or skip it", choices=("error", "skip"))
+    max_train_samples: Optional[int] = key(None, "train on this many images, evenly spaced (smoke runs)",
+                                           check=AT_LEAST_1)
+    max_val_samples: Optional[int] = key(None, "evaluate on this many images, evenly spaced", check=AT_LEAST_1)
 
 
 @dataclass
 class OptimConfig:
-    opt: str = "adamw"
-    lr: float = 5e-4                           # base lr at lr_base_batch
-    lr_base_batch: int = 512
-    scale_lr: bool = True                      # lr * global_batch / lr_base_batch
-    weight_decay: float = 0.05
-    betas: List[float] = field(default_factory=lambda: [0.9, 0.999])
-    eps: float = 1e-8
-    clip_grad: Optional[float] = None
-    sched: str = "cosine"                      # cosine_epoch (DeiT's: timm's cosine stepped per epoch) |
-                                               # cosine (per step) | constant (after a per-step warmup)
-    warmup_epochs: float = 5.0
-    warmup_lr: float = 1e-6
-    min_lr: float = 1e-5
+    opt: str = key("adamw", "the optimizer (the DeiT recipe's)", choices=("adamw",))
+    lr: float = key(5e-4, "peak lr for lr_base_batch images per step", check=POSITIVE)
+    lr_base_batch: int = key(512, "the global batch optim.lr is given for", check=AT_LEAST_1)
+    scale_lr: bool = key(True, "lr x global batch / lr_base_batch (DeiT)")
+    weight_decay: float = key(0.05, "AdamW weight decay (matrices only)", check=NON_NEGATIVE)
+    betas: List[float] = key([0.9, 0.999], "AdamW betas",
+                             check=_rule("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)))
+    eps: float = key(1e-8, "AdamW eps", check=POSITIVE)
+    clip_grad: Optional[float] = key(None, "clip the global gradient norm to this; null: no clipping", check=POSITIVE)
+    sched: str = key("cosine", "lr schedule: cosine_epoch is DeiT's (timm's cosine stepped once per epoch), "
+                     "cosine is per step, constant follows a per-step warmup",
+                     choices=("cosine_epoch", "cosine", "constant"))
+    warmup_epochs: float = key(5.0, "linear warmup from warmup_lr, in epochs", check=NON_NEGATIVE)
+    warmup_lr: float = key(1e-6, "lr at the start of the warmup", check=NON_NEGATIVE)
+    min_lr: float = key(1e-5, "lr at the end of the cosine", check=NON_NEGATIVE)
 
 
 @dataclass
 class TrainConfig:
-    epochs: int = 300
-    output_dir: str = "runs/default"
-    seed: int = 0
-    device: str = "auto"                       # auto | cpu | cuda
-    amp: str = "none"                          # none | bf16 | fp16
-    accum_steps: int = 1
-    compile: bool = False
-    ema: bool = False
-    ema_decay: float = 0.99996
-    resume: str = "auto"                       # auto | none | <path>
-    keep_top_k: int = 3
-    eval_every: int = 1
-    log_every: int = 50
-    nonfinite: str = "stop"                    # stop | skip
-    max_consecutive_skips: int = 100           # stop after this many skipped steps in a row (any policy, fp16 overflows too)
-    tf32: bool = True                          # CUDA float32 matmuls on TF32 tensor cores (Ampere+); CPU unaffected
-    log_modulators: bool = True
-    plot_modulators: bool = False
-    allow_config_change: bool = False
-    max_steps_per_epoch: Optional[int] = None  # smoke runs
-    stop_after_epochs: Optional[int] = None    # end this job after N epochs, exit 75 (rerun to resume)
-    dist_backend: str = "auto"                 # auto | nccl | gloo
-    cpu_malloc: str = "tuned"                  # tuned | default: glibc keeps freed memory (engine.cpu_alloc)
+    epochs: int = key(300, "epochs to train", check=AT_LEAST_1)
+    output_dir: str = key("runs/default", "the run directory", check=NOT_EMPTY, path=True, resumable=True)
+    seed: int = key(0, "seed of the weights, data order and augmentation")
+    device: str = key("auto", "the device: auto picks a GPU when there is one", choices=("auto", "cpu", "cuda"),
+                      resumable=True)
+    amp: str = key("none", "mixed precision", choices=("none", "bf16", "fp16"))
+    accum_steps: int = key(1, "micro-batches per optimizer step", check=AT_LEAST_1)
+    compile: bool = key(False, "torch.compile the model", resumable=True)
+    ema: bool = key(False, "keep an EMA of the weights, evaluated with the model")
+    ema_decay: float = key(0.99996, "EMA decay per optimizer step", check=BELOW_1)
+    resume: str = key("auto", "auto (the run directory's last.pth) | none (start over) | <path>", check=NOT_EMPTY,
+                      path=True, resumable=True)
+    keep_top_k: int = key(3, "best checkpoints kept, by val_top1", check=NON_NEGATIVE, resumable=True)
+    eval_every: int = key(1, "evaluate every N epochs (and after the last)", check=AT_LEAST_1)
+    log_every: int = key(50, "optimizer steps between log lines (the loop's host reads)", check=AT_LEAST_1,
+                         resumable=True)
+    nonfinite: str = key("stop", "a non-finite loss or gradient: stop, or skip the step", choices=("stop", "skip"))
+    max_consecutive_skips: int = key(100, "stop after this many skipped steps in a row (any policy, fp16 "
+                                          "overflows too)", check=AT_LEAST_1, resumable=True)
+    tf32: bool = key(True, "CUDA float32 matmuls on TF32 tensor cores (Ampere+); CPU unaffected", resumable=True)
+    log_modulators: bool = key(True, "every modulator's parameters to TensorBoard after each epoch", resumable=True)
+    plot_modulators: bool = key(False, "with log_modulators: a figure of their curves too", resumable=True)
+    allow_config_change: bool = key(False, "resume a run whose config.yaml differs in keys that change results",
+                                    resumable=True)
+    max_steps_per_epoch: Optional[int] = key(None, "at most this many optimizer steps per epoch (smoke runs)",
+                                             check=AT_LEAST_1)
+    stop_after_epochs: Optional[int] = key(None, "end this job after N epochs, exit 75 (rerun to resume)", check=AT_LEAST_1,
+                                           resumable=True)
+    dist_backend: str = key("auto", "torch.distributed backend", choices=("auto", "nccl", "gloo"), resumable=True)
 
 
 @dataclass
@@ -185,6 +288,24 @@ class Config:
     data: DataConfig = field(default_factory=DataConfig)
     optim: OptimConfig = field(default_factory=OptimConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+
+
+def _declared(cls: type = Config, prefix: str = "") -> Iterator[Tuple[str, dataclasses.Field]]:
+    """(dotted key, field) of every key of the schema, sections included, in declaration order."""
+    for f in dataclasses.fields(cls):
+        yield prefix + f.name, f
+        if dataclasses.is_dataclass(_hints(cls)[f.name]):
+            yield from _declared(_hints(cls)[f.name], f"{prefix}{f.name}.")
+
+
+@functools.lru_cache(maxsize=None)
+def _hints(cls: type) -> Dict[str, Any]:
+    return typing.get_type_hints(cls)
+
+
+# Every key's declaration by dotted name (sections have none)
+KEYS: Dict[str, Key] = {dotted: f.metadata["key"] for dotted, f in _declared() if "key" in f.metadata}
+_ALL_KEYS = tuple(dotted for dotted, _ in _declared())  # sections too: what an unknown key may have meant
 
 
 CLI = "command line"
@@ -225,9 +346,31 @@ def config_to_dict(cfg: Config) -> Dict[str, Any]:
     return dataclasses.asdict(cfg)
 
 
-def dump_config(cfg: Config) -> str:
-    """YAML text that ``load_config``/``config_from_yaml_text`` read back to an equal Config."""
-    return yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+def dump_config(cfg: Config, help: bool = False) -> str:
+    """YAML text that ``load_config``/``config_from_yaml_text`` read back to an equal Config;
+    ``help``: with each key's help and choices as a comment (``train.py --print-config``)."""
+    text = yaml.safe_dump(config_to_dict(cfg), sort_keys=False)
+    return _with_help(text.splitlines()) if help else text
+
+
+def _with_help(lines: List[str]) -> str:
+    """``dump_config``'s lines with a comment for each key: after its value where that ends on the key's
+    line (the next line is another key), else on a line of its own above the key."""
+    out, section = [], ""
+    for i, line in enumerate(lines):
+        name = re.match(r"(  )?(\w+):", line)
+        if not name:
+            out.append(line)
+            continue
+        if not name.group(1):
+            section = name.group(2)
+            out.append(line)
+            continue
+        spec = KEYS[f"{section}.{name.group(2)}"]
+        note = f"# {spec.help}" + (f" ({' | '.join(map(str, spec.choices))})" if spec.choices else "")
+        ends_here = i + 1 == len(lines) or re.match(r"(  )?\w+:", lines[i + 1])
+        out += [f"{line}  {note}"] if ends_here else [f"  {note}", line]
+    return "\n".join(out) + "\n"
 
 
 def global_batch(cfg: Config, world_size: int) -> int:
@@ -351,7 +494,7 @@ def _apply_overrides(cfg: Config, overrides: Iterable[str], sources: Dict[str, s
             value = yaml.safe_load(text) if text.strip() else ""
         except yaml.YAMLError:
             value = text  # e.g. a path with an unbalanced bracket: take it verbatim
-        if text.strip().startswith("~") and key in PATH_KEYS:
+        if text.strip().startswith("~") and _is_path(key):
             value = text.strip()  # a home-relative path (YAML would read a bare ~ as null)
         for part in reversed(key.split(".")):
             value = {part: value}
@@ -360,20 +503,8 @@ def _apply_overrides(cfg: Config, overrides: Iterable[str], sources: Dict[str, s
 
 # ---------------------------------------------------------------- keys and types
 
-@functools.lru_cache(maxsize=None)
-def _hints(cls: type) -> Dict[str, Any]:
-    return typing.get_type_hints(cls)
-
-
-@functools.lru_cache(maxsize=None)
-def _all_keys(cls: type = Config, prefix: str = "") -> Tuple[str, ...]:
-    """Every dotted key of the schema, sections included."""
-    keys: List[str] = []
-    for f in dataclasses.fields(cls):
-        keys.append(prefix + f.name)
-        if dataclasses.is_dataclass(_hints(cls)[f.name]):
-            keys += _all_keys(_hints(cls)[f.name], f"{prefix}{f.name}.")
-    return tuple(keys)
+def _is_path(dotted: str) -> bool:
+    return dotted in KEYS and KEYS[dotted].path
 
 
 def _merge(node: Any, mapping: Dict[str, Any], prefix: str, source: str, sources: Dict[str, str]) -> None:
@@ -389,8 +520,8 @@ def _merge(node: Any, mapping: Dict[str, Any], prefix: str, source: str, sources
             continue
         if key not in hints:
             leaf = dotted.rsplit(".", 1)[-1]  # right name in the wrong section?
-            guess = [k for k in _all_keys() if k.rsplit(".", 1)[-1] == leaf] or \
-                difflib.get_close_matches(dotted, _all_keys(), n=1)
+            guess = [k for k in _ALL_KEYS if k.rsplit(".", 1)[-1] == leaf] or \
+                difflib.get_close_matches(dotted, _ALL_KEYS, n=1)
             hint = f"; did you mean '{guess[0]}'?" if guess else ""
             raise UserError(f"{source}: unknown key '{dotted}'{hint}")
         current = getattr(node, key)
@@ -402,9 +533,9 @@ def _merge(node: Any, mapping: Dict[str, Any], prefix: str, source: str, sources
         try:
             value = _convert(value, hints[key], current)
         except TypeError:
-            hint = " (a bare ~ is YAML's null: quote it, '~')" if dotted in PATH_KEYS and value is None else ""
+            hint = " (a bare ~ is YAML's null: quote it, '~')" if _is_path(dotted) and value is None else ""
             raise UserError(f"{source}: {dotted} expects {_type_name(hints[key])}, got {value!r}{hint}") from None
-        setattr(node, key, os.path.expanduser(value) if dotted in PATH_KEYS and value else value)
+        setattr(node, key, os.path.expanduser(value) if _is_path(dotted) and value else value)
         sources[dotted] = source
 
 
@@ -451,110 +582,27 @@ def _type_name(tp: Any) -> str:
     return "a mapping" if origin is dict else _TYPE_NAMES.get(tp, str(tp))
 
 
-# ---------------------------------------------------------------- value ranges
-
-_CHOICES: Dict[str, Tuple[str, ...]] = {
-    "model.attn_normalizer": MODEL_CHOICES.NORMALIZERS,
-    "model.out_normalizer": MODEL_CHOICES.OUT_NORMALIZERS,
-    "model.modulator_init": MODEL_CHOICES.MODULATOR_INITS,
-    "model.attn_backend": MODEL_CHOICES.ATTN_BACKENDS,
-    "data.train_transform": ("deit", "light", "none"),
-    "data.interpolation": ("bicubic", "bilinear", "nearest", "box", "hamming", "lanczos", "random"),
-    "data.remode": ("pixel", "rand", "const"),  # timm's RandomErasing modes
-    "data.mixup_mode": ("batch", "pair", "elem"),  # timm's Mixup modes
-    "data.bad_images": ("error", "skip"),
-    "optim.opt": ("adamw",),
-    "optim.sched": LR_SCHEDULES,
-    "train.device": ("auto", "cpu", "cuda"),
-    "train.amp": ("none", "bf16", "fp16"),
-    "train.nonfinite": ("stop", "skip"),
-    "train.dist_backend": ("auto", "nccl", "gloo"),
-    "train.cpu_malloc": ALLOCATOR_MODES,
-}
-
-_OPTIONAL_CHOICES = ("model.attn_normalizer", "model.out_normalizer")  # None: the model variant's
-
-
-def dataset_name_problem(name: str) -> Optional[str]:
-    """What is wrong with ``data.dataset = name`` (completing "data.dataset = 'name' ..."), or None.
-    Prefixes are case-insensitive, as in timm's factory."""
-    prefix, slash, rest = name.partition("/")
-    prefix = prefix.lower()
-    if not slash and name.lower() in FASHION_MNIST_NAMES + IMAGEFOLDER_NAMES:
-        return None
-    if slash and prefix == "torch" and rest.lower() in TIMM_TORCH_DATASETS:
-        return None
-    if slash and prefix == "hfds" and rest:
-        return None
-    if slash and prefix in TIMM_STREAMING_PREFIXES:
-        return ("is a streaming (iterable) dataset, which the samplers here cannot shard; use an ImageFolder "
-                "copy (imagefolder) or a map-style dataset (torch/<name>, hfds/<name>)")
-    known = [*FASHION_MNIST_NAMES[:1], *IMAGEFOLDER_NAMES[:1], *(f"torch/{n}" for n in TIMM_TORCH_DATASETS)]
-    if slash and prefix == "torch":
-        close = difflib.get_close_matches(f"torch/{rest.lower()}", known, n=1)
-        hint = f"; did you mean '{close[0]}'?" if close else ""
-        return f"is not a torchvision dataset timm can build (torch/{' | torch/'.join(TIMM_TORCH_DATASETS)}){hint}"
-    close = [f"torch/{name.lower()}"] if name.lower() in TIMM_TORCH_DATASETS else \
-        difflib.get_close_matches(name.lower(), known, n=1)
-    hint = f"; did you mean '{close[0]}'?" if close else ""
-    return f"is not a known dataset (fashion_mnist | imagefolder | torch/<name> | hfds/<name>){hint}"
-
-
-Rule = Tuple[str, Callable[[Any], bool]]
-_POSITIVE: Rule = ("> 0", lambda v: v > 0)
-_AT_LEAST_1: Rule = (">= 1", lambda v: v >= 1)
-_NON_NEGATIVE: Rule = (">= 0", lambda v: v >= 0)
-_PROBABILITY: Rule = ("in [0, 1]", lambda v: 0 <= v <= 1)
-_NOT_EMPTY: Rule = ("not empty", lambda v: len(v) > 0)
-_RANGES: Dict[str, Rule] = {
-    **dict.fromkeys(["model.name", "data.dataset", "train.output_dir", "train.resume"], _NOT_EMPTY),
-    **dict.fromkeys(["optim.lr", "optim.eps", "optim.clip_grad", "model.softmax_temperature"], _POSITIVE),
-    **dict.fromkeys(["model.modulator_order", "model.num_classes", "model.img_size", "model.patch_size",
-                     "model.in_chans", "data.batch_size", "data.eval_batch_size", "data.recount",
-                     "data.repeated_aug", "data.max_train_samples", "data.max_val_samples",
-                     "optim.lr_base_batch", "train.epochs", "train.accum_steps", "train.eval_every",
-                     "train.log_every", "train.max_steps_per_epoch", "train.stop_after_epochs",
-                     "train.max_consecutive_skips"], _AT_LEAST_1),
-    **dict.fromkeys(["data.workers", "data.color_jitter", "data.mixup", "data.cutmix", "optim.weight_decay",
-                     "optim.warmup_epochs", "optim.warmup_lr", "optim.min_lr", "train.keep_top_k"],
-                    _NON_NEGATIVE),
-    **dict.fromkeys(["model.drop_rate", "model.pos_drop_rate", "model.proj_drop_rate", "model.attn_drop_rate",
-                     "model.drop_path_rate", "data.hflip", "data.reprob",
-                     "data.mixup_prob", "data.mixup_switch_prob"], _PROBABILITY),
-    "data.crop_pct": ("in (0, 1]", lambda v: 0 < v <= 1),
-    "data.smoothing": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "train.ema_decay": ("in [0, 1)", lambda v: 0 <= v < 1),
-    "optim.betas": ("two numbers in [0, 1)", lambda v: len(v) == 2 and all(0 <= b < 1 for b in v)),
-    "data.scale": ("[min, max] with 0 < min <= max <= 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1),
-    "data.cutmix_minmax": ("[min, max] with 0 < min <= max <= 1", lambda v: len(v) == 2 and 0 < v[0] <= v[1] <= 1),
-    "data.ratio": ("[min, max] with 0 < min <= max", lambda v: len(v) == 2 and 0 < v[0] <= v[1]),
-    "data.mean": _NOT_EMPTY,
-    "data.std": ("a list of numbers > 0", lambda v: len(v) > 0 and all(s > 0 for s in v)),
-}
-
+# ---------------------------------------------------------------- values
 
 def validate(cfg: Config, sources: Optional[Dict[str, str]] = None) -> None:
-    """Check value ranges and choices; the UserError names the key, its value, what is allowed
-    and (from ``sources``, dotted key → file or command line) where the value was set."""
-    flat = {f"{s}.{k}": v for s, section in config_to_dict(cfg).items() for k, v in section.items()}
+    """Check every key's value against its declaration (``choices``, ``check``), and what spans keys;
+    the UserError names the key, its value, what is allowed and (from ``sources``, dotted key → file
+    or command line) where the value was set."""
     sources = sources or {}
 
-    def where(key: str) -> str:
-        source = sources.get(key)
+    def where(dotted: str) -> str:
+        source = sources.get(dotted)
         return " (the default)" if source is None else " (set on the command line)" if source == CLI \
             else f" (set in {source})"
 
-    for key, choices in _CHOICES.items():
-        if flat[key] not in choices and not (key in _OPTIONAL_CHOICES and flat[key] is None):
-            close = difflib.get_close_matches(str(flat[key]), choices, n=1)
-            hint = f"; did you mean '{close[0]}'?" if close else ""
-            raise UserError(f"{key} = {flat[key]!r} is not one of {' | '.join(choices)}{hint}{where(key)}")
-    for key, (allowed, ok) in _RANGES.items():
-        if flat[key] is not None and not ok(flat[key]):
-            raise UserError(f"{key} = {flat[key]!r} is out of range: must be {allowed}{where(key)}")
-    problem = dataset_name_problem(cfg.data.dataset)
-    if problem:
-        raise UserError(f"data.dataset = {cfg.data.dataset!r} {problem}{where('data.dataset')}")
+    for dotted, spec in KEYS.items():
+        section, name = dotted.split(".")
+        value = getattr(getattr(cfg, section), name)
+        if value is None:
+            continue
+        problem = (choice_problem(value, spec.choices) if spec.choices else None) or (spec.check and spec.check(value))
+        if problem:
+            raise UserError(f"{dotted} = {value!r} {problem}{where(dotted)}")
     if cfg.data.mean is not None and cfg.data.std is not None and len(cfg.data.mean) != len(cfg.data.std):
         raise UserError(f"data.mean and data.std need one value per channel each, got {cfg.data.mean} "
                         f"and {cfg.data.std}{where('data.std')}")

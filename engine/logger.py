@@ -162,15 +162,19 @@ class RunLogger:
         """Every SegLU's ``ranges``/``ts`` entries as scalars (and optionally σ curves as a figure)."""
         if self.tb is None or self.error or not mods:
             return
+        # imported here: importing this module (read_jsonl) needs no torch
+        from models.multimax import ModulatorParams
+
+        params = {name: ModulatorParams.of(mod) for name, mod in mods.items()}
         with self._writing(self.tb_dir):
-            for name, mod in mods.items():
+            for name, p in params.items():
                 for pname in ("ranges", "ts"):
-                    for i, v in enumerate(getattr(mod, pname).detach().float().cpu().tolist()):
+                    for i, v in enumerate(getattr(p, pname).tolist()):
                         self.tb.add_scalar(f"modulators/{name}/{pname}[{i}]", v, step)
             if figure:
-                from .plots import model_curves, modulator_figure
+                from .plots import modulator_figure
 
-                self.tb.add_figure("modulators/curves", modulator_figure(model_curves(mods)), step)
+                self.tb.add_figure("modulators/curves", modulator_figure(params), step)
 
     def text(self, tag: str, text: str) -> None:
         if self.tb is not None and not self.error:

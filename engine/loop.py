@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -28,6 +28,7 @@ from timm.utils import unwrap_model
 
 from . import distributed as dist
 from .checkpoint import restore_rng_state
+from .config import OptimConfig, TrainConfig
 from .errors import NonFiniteLossError
 from .logger import Progress
 from .optim import clip_groups
@@ -55,25 +56,27 @@ def build_criterion(mixup_active: bool, smoothing: float) -> Callable:
 
 @dataclass(frozen=True)
 class LoopOptions:
-    """The knobs of the training loop (``train.*``, ``optim.clip_grad``)."""
+    """The training loop's knobs: the run config's ``train`` and ``optim`` sections, each key read by
+    its name (``opts.amp`` is ``train.amp``, ``opts.clip_grad`` is ``optim.clip_grad``; the sections
+    share no name), declared once, with default and check, in engine/config.py."""
 
-    amp: str = "none"
-    accum_steps: int = 1
-    clip_grad: Optional[float] = None
-    max_steps: Optional[int] = None          # optimizer steps per epoch (smoke runs)
-    log_every: int = 50
-    nonfinite: str = "stop"
-    max_consecutive_skips: int = 100
+    train: TrainConfig = field(default_factory=TrainConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
 
     @classmethod
     def from_config(cls, cfg) -> "LoopOptions":
-        t = cfg.train
-        return cls(t.amp, t.accum_steps, cfg.optim.clip_grad, t.max_steps_per_epoch, t.log_every, t.nonfinite,
-                   t.max_consecutive_skips)
+        return cls(cfg.train, cfg.optim)
+
+    def __getattr__(self, name: str) -> Any:  # reached only for names the class itself lacks
+        if name not in ("train", "optim") and not name.startswith("__"):
+            for section in (self.train, self.optim):
+                if hasattr(section, name):
+                    return getattr(section, name)
+        raise AttributeError(f"LoopOptions has no {name!r} (no train.{name} or optim.{name} key)")
 
     def steps_per_epoch(self, num_batches: int) -> int:
         steps = num_batches // self.accum_steps
-        return steps if self.max_steps is None else min(steps, self.max_steps)
+        return steps if self.max_steps_per_epoch is None else min(steps, self.max_steps_per_epoch)
 
 
 @dataclass

@@ -21,11 +21,11 @@ from typing import Dict, List, Union
 
 import torch
 import torch.nn as nn
+from timm.scheduler import CosineLRScheduler
 
 from models.multimax import modulators
 
 from .config import OptimConfig
-from .errors import UserError
 
 
 def param_groups(model: nn.Module, weight_decay: float) -> List[Dict]:
@@ -63,8 +63,6 @@ def clip_groups(model: nn.Module) -> List[List[nn.Parameter]]:
 
 def build_optimizer(model: nn.Module, cfg: OptimConfig, lr: float) -> torch.optim.Optimizer:
     """AdamW over ``param_groups`` at learning rate ``lr`` (the schedule overwrites it every step)."""
-    if cfg.opt.lower() != "adamw":
-        raise UserError(f"optim.opt: only 'adamw' is supported (the DeiT recipe), got {cfg.opt!r}")
     groups = param_groups(model, cfg.weight_decay)
     fused = True if fusable([p for g in groups for p in g["params"]]) else None  # None: torch's default
     return torch.optim.AdamW(groups, lr=lr, betas=tuple(cfg.betas), eps=cfg.eps, fused=fused)
@@ -135,33 +133,33 @@ class LRSchedule:
         return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1.0 + math.cos(math.pi * progress))
 
 
-@dataclass(frozen=True)
 class EpochCosineSchedule:
     """``optim.sched`` = cosine_epoch, DeiT's schedule: timm's ``CosineLRScheduler`` as DeiT's
     main.py builds it (timm's ``create_scheduler``: ``t_initial`` = epochs, ``warmup_t`` = warmup
     epochs, no warmup prefix, so the cosine spans all epochs, warmup included; one cycle; no noise;
     the cooldown epochs the factory adds are never run, DeiT trains ``epochs``) and steps it
     once per epoch, after the epoch. Epoch 0 trains at the lr the scheduler sets when built
-    (``warmup_lr``), epoch e >= 1 at its value for e - 1, so epochs 0 and 1 both train at
+    (``warmup_lr``), epoch e >= 1 at the one ``step(e - 1)`` sets, so epochs 0 and 1 both train at
     ``warmup_lr``. (DeiT's own resume steps it to the resumed epoch instead, one epoch ahead; here a
     resumed run keeps the uninterrupted run's lr.) A pure function of the optimizer step: the
-    epoch is ``step // steps_per_epoch``."""
+    epoch is ``step // steps_per_epoch``, and timm's ``step(epoch)`` sets the lr from the epoch alone."""
 
-    base_lr: float
-    epochs: int
-    steps_per_epoch: int
-    warmup_epochs: float
-    warmup_lr: float
-    min_lr: float
+    def __init__(self, base_lr: float, epochs: int, steps_per_epoch: int, warmup_epochs: float, warmup_lr: float,
+                 min_lr: float):
+        self.steps_per_epoch = steps_per_epoch
+        # timm's scheduler writes its lr into an optimizer's groups: it gets an optimizer of its own
+        # (one unused parameter), which only at_epoch reads
+        self._holder = torch.optim.SGD([torch.zeros(1)], lr=base_lr)
+        self._timm = CosineLRScheduler(self._holder, t_initial=epochs, lr_min=min_lr, warmup_t=warmup_epochs,
+                                       warmup_lr_init=warmup_lr)
+        self._built_lr = self._holder.param_groups[0]["lr"]
 
     def at_epoch(self, epoch: int) -> float:
-        """The lr epoch ``epoch`` trains at (timm's formula, evaluated in its order)."""
-        t = max(epoch - 1, 0)
-        if t < self.warmup_epochs:
-            return self.warmup_lr + t * ((self.base_lr - self.warmup_lr) / self.warmup_epochs)
-        if t >= self.epochs:  # past the single cycle
-            return self.min_lr
-        return self.min_lr + 0.5 * (self.base_lr - self.min_lr) * (1 + math.cos(math.pi * t / self.epochs))
+        """The lr epoch ``epoch`` trains at."""
+        if epoch == 0:
+            return self._built_lr
+        self._timm.step(epoch - 1)
+        return self._holder.param_groups[0]["lr"]
 
     def __call__(self, step: int) -> float:
         return self.at_epoch(step // self.steps_per_epoch)

@@ -10,52 +10,18 @@ import math
 import os
 import re
 from dataclasses import dataclass
-from typing import Any, Dict, List, Mapping, NamedTuple, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 from matplotlib import colormaps
 from matplotlib.backends.backend_agg import FigureCanvasAgg
 from matplotlib.figure import Figure
 
-from models.multimax import SegLU, seglu
-from models.weights import CheckpointMismatchError, extract_state_dict, in_our_names
+from models.multimax import ModulatorParams, modulators_from_state_dict, seglu
+from models.weights import CheckpointMismatchError, extract_state_dict
 
 from .checkpoint import load_checkpoint
 from .errors import UserError
-
-
-class ModulatorParams(NamedTuple):
-    """One SegLU's parameters: ``ranges``/``ts`` (2N,), and ``scale``/``shift`` (1,) for the affine variant."""
-
-    ranges: torch.Tensor
-    ts: torch.Tensor
-    scale: Optional[torch.Tensor] = None
-    shift: Optional[torch.Tensor] = None
-
-
-# A modulator's parameters in a state dict under our names (the paper's are mapped onto them)
-_MODULATOR_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.normalizer\.modulator|out_modulator)\.(ranges|ts|scale|shift)$")
-
-
-def modulators_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, ModulatorParams]:
-    """The modulators in a state dict (ours or the paper's code's), keyed ``blocks.{i}`` (attention
-    layer i) and ``out`` (the output layer), blocks in order then ``out``. Empty for a softmax model."""
-    state_dict = in_our_names(state_dict)[0]
-    found: Dict[str, Dict[str, torch.Tensor]] = {}
-    for key, value in state_dict.items():
-        m = _MODULATOR_KEY.match(key)
-        if m:
-            name = f"blocks.{m.group(1)}" if m.group(1) is not None else "out"
-            found.setdefault(name, {})[m.group(2)] = value.detach().float().cpu()
-    out = {}
-    for name in sorted(found, key=lambda n: (n == "out", int(n.split(".")[1]) if n != "out" else 0)):
-        params = found[name]
-        if ("ranges" not in params or "ts" not in params or params["ranges"].shape != params["ts"].shape
-                or params["ranges"].dim() != 1 or params["ranges"].numel() % 2):
-            raise UserError(f"modulator {name}: needs 'ranges' and 'ts' of one even length (2N,), got "
-                            f"{ {k: tuple(v.shape) for k, v in params.items()} }")
-        out[name] = ModulatorParams(params["ranges"], params["ts"], params.get("scale"), params.get("shift"))
-    return out
 
 
 def checkpoint_modulators(path: str, use_ema: bool = False) -> Tuple[Dict[str, Any], Dict[str, ModulatorParams]]:
@@ -69,14 +35,6 @@ def checkpoint_modulators(path: str, use_ema: bool = False) -> Tuple[Dict[str, A
     if not found:
         raise UserError(f"{path} has no MultiMax modulators (a softmax model?)")
     return ckpt, found
-
-
-def model_curves(mods: Mapping[str, SegLU]) -> Dict[str, ModulatorParams]:
-    """``models.modulators(model)`` → name → parameters (detached, CPU), for ``modulator_figure``."""
-    def cpu(t: Optional[torch.Tensor]) -> Optional[torch.Tensor]:
-        return None if t is None else t.detach().float().cpu()
-
-    return {name: ModulatorParams(cpu(m.ranges), cpu(m.ts), cpu(m.scale), cpu(m.shift)) for name, m in mods.items()}
 
 
 def modulator_curve(params: Sequence[torch.Tensor], x: torch.Tensor) -> torch.Tensor:
@@ -278,7 +236,7 @@ def save_figure(fig: Figure, out: str, pdf: bool = False, dpi: int = 150) -> Lis
     return paths
 
 
-__all__ = ["ModulatorParams", "modulators_from_state_dict", "checkpoint_modulators", "model_curves", "modulator_curve",
+__all__ = ["checkpoint_modulators", "modulator_curve",
            "short_name", "modulator_figure", "modulator_evolution_figure", "SIMPLEX_VERTICES", "barycentric_xy", "SimplexSeries", "simplex_figure",
            "figure_formats", "check_figure_output", "check_finite", "save_figure"]
 

@@ -21,21 +21,11 @@ from . import distributed as dist
 from .checkpoint import (
     FORMAT_VERSION, capture_rng_state, find_resume_checkpoint, load_checkpoint, pid_alive,
 )
-from .config import RETIRED_KEYS, Config, config_to_dict, dump_config, resolve_config
+from .config import KEYS, RETIRED_KEYS, Config, config_to_dict, dump_config, resolve_config
 from .errors import UserError, write_error
 from .logger import console, truncate_jsonl
 from .loop import EpochStart, TrainState
 from .optim import load_optimizer_state
-
-# Keys that may change between the jobs of one run (paths, throughput knobs, stopping);
-# anything else means a different experiment and is refused unless train.allow_config_change.
-_RESUMABLE_CHANGES = {
-    "data.root", "data.workers", "data.pin_memory", "data.eval_batch_size",
-    "train.resume", "train.allow_config_change", "train.log_every", "train.stop_after_epochs",
-    "train.compile", "train.device", "train.dist_backend", "train.output_dir", "train.keep_top_k",
-    "train.log_modulators", "train.plot_modulators", "model.attn_backend", "model.grad_checkpointing",
-    "train.cpu_malloc", "train.tf32", "train.max_consecutive_skips",
-}
 
 
 def _flatten(d: Dict[str, Any], prefix: str = "") -> Dict[str, Any]:
@@ -69,8 +59,8 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
     old_flat = {k: v for k, v in {**_flatten(config_to_dict(Config())), **_flatten(old)}.items()
                 if k not in RETIRED_KEYS}
     new_flat = _flatten(config_to_dict(cfg))
-    changed = sorted(k for k in set(old_flat) | set(new_flat)
-                     if k not in _RESUMABLE_CHANGES and old_flat.get(k) != new_flat.get(k))
+    changed = sorted(k for k in set(old_flat) | set(new_flat)  # a key not declared resumable changes results
+                     if not (k in KEYS and KEYS[k].resumable) and old_flat.get(k) != new_flat.get(k))
     if changed:
         diffs = "; ".join(f"{k}: {old_flat.get(k)!r} -> {new_flat.get(k)!r}" for k in changed[:8])
         raise UserError(

@@ -1,9 +1,9 @@
 """MultiMax models. Importing this package registers the models with timm."""
-from . import choices  # an attribute here even when engine.config loaded it before this package
+from . import choices
 from .attention import MultiMaxAttention
 from .multimax import (
-    NORMALIZERS, SegLU, build_normalizer, entmax15, evsoftmax, modulators, multimax, seglu,
-    softmax, sparsemax,
+    NORMALIZERS, ModulatorParams, SegLU, build_normalizer, entmax15, evsoftmax, modulator_params, modulators,
+    modulators_from_state_dict, multimax, seglu, softmax, sparsemax,
 )
 from .recording import (
     AttentionRecord, TokenRecord, attention_layers, record_attention, record_block_outputs, transformer_blocks,
@@ -16,7 +16,8 @@ from .weights import (
 __all__ = [
     "choices", "AttentionRecord", "MultiMaxAttention", "attention_layers", "record_attention", "TokenRecord",
     "record_block_outputs", "transformer_blocks", "NORMALIZERS", "SegLU",
-    "build_normalizer", "entmax15", "evsoftmax", "modulators", "multimax", "seglu", "softmax",
+    "build_normalizer", "entmax15", "evsoftmax", "ModulatorParams", "modulator_params", "modulators",
+    "modulators_from_state_dict", "multimax", "seglu", "softmax",
     "sparsemax", "MultiMaxVisionTransformer", "CheckpointMismatchError", "CheckpointReadError", "LoadResult",
     "infer_model_kwargs", "load_weights", "read_checkpoint",
 ]

@@ -39,7 +39,7 @@ from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
     flex_training_proven, modulated_attention, modulated_softmax,
 )
-from .choices import ATTN_BACKENDS
+from .choices import ATTN_BACKENDS, check_choice
 from .multimax import build_normalizer
 
 # FX traces a call to these as one node: they branch on their inputs (grad, device, shapes, masks)
@@ -81,8 +81,7 @@ class MultiMaxAttention(nn.Module):
             raise ValueError(f"dim {dim} is not divisible by num_heads {num_heads}")
         if (qk_norm or scale_norm) and norm_layer is None:
             raise ValueError("qk_norm/scale_norm need a norm_layer")
-        if backend not in ATTN_BACKENDS:
-            raise ValueError(f"unknown attention backend {backend!r}; choose one of {ATTN_BACKENDS}")
+        check_choice("attention backend", backend, ATTN_BACKENDS)
         if backend == "sdpa" and normalizer != "softmax":
             raise ValueError(f"backend 'sdpa' computes softmax only, not {normalizer!r}")
         if backend in ("flex", "chunked") and normalizer not in FUSED_NORMALIZERS:
@@ -163,7 +162,7 @@ class MultiMaxAttention(nn.Module):
     ) -> torch.Tensor:
         dropout = self.training and self.attn_drop.p > 0
         if self.normalizer.name == "multimax" and self.fused_attn and not dropout:
-            # the whole attention as one Function (hand-written backward); inference: cache-sized blocks on CPU
+            # the whole attention as one Function (hand-written backward); plain ops for inference
             return modulated_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
         scores = (q * self.scale) @ k.transpose(-2, -1)
         if self.normalizer.name == "multimax":  # σ + softmax with a lean hand-written backward

@@ -8,8 +8,7 @@ softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D).
   Function for the whole attention with a hand-written backward: it saves the scores and the
   probabilities (autograd through σ would save every intermediate), folds the scale into σ's
   pass and computes the gradients of σ's parameters in the same sweep as dL/ds. Plain tensor
-  code, so torch.compile traces and fuses forward and backward. Without one, plain ops in
-  cache-sized blocks on CPU.
+  code, so torch.compile traces and fuses forward and backward. Without one, plain ops.
 - ``modulated_softmax``: σ + softmax alone as one such Function, for callers that need the
   probabilities themselves (attention dropout, recording).
 - ``chunked_attention``: memory-efficient on every device. Walks over query chunks, keeps only
@@ -197,15 +196,6 @@ def modulated_softmax(
         return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
 
 
-# Scores of one block (heads of one batch entry, or whole entries) in the no-gradient CPU path:
-# small enough to stay in a core's L2 cache between the q·kᵀ product, φ + softmax and the product
-# with v.
-CPU_BLOCK_ELEMENTS = 2 ** 17
-# Under torch.compile every block is a separate piece of the traced graph: past this many blocks
-# per call (large batches), one block is traced instead, to keep compile time bounded.
-MAX_TRACED_BLOCKS = 32
-
-
 def _matmul_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     """The dtype a @ b runs in: autocast's if it is on for their device, else their promotion."""
     if torch.is_autocast_enabled(a.device.type):
@@ -278,51 +268,17 @@ def modulated_attention(
     Scores in q's dtype (autocast's if on), φ and the softmax in float32 with autocast off, the
     product with v in v's dtype (autocast's if on). With a gradient: ``_ModulatedAttention``
     (one autograd Function for the whole attention, hand-written backward). Without one
-    (inference): plain tensor ops with the scale folded into φ's pass; on CPU in blocks (heads of
-    one batch entry, or whole entries) whose scores fit in cache, so the (B, H, N, N) scores and
-    probabilities are never written out to main memory.
+    (inference): plain tensor ops with the scale folded into φ's pass.
     """
     inputs = (q, k, v, bias, *modulation.params)
     factor = modulation.scale_factor
     scale, bias = scale * factor, None if bias is None else bias * factor
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
         return _ModulatedAttention.apply(q, k, v, bias, scale, *modulation.params)
-    blocks = None if bias is not None else _cpu_blocks(q, k)
-    if blocks is None:
-        return _inference_block(q, k, v, scale, bias, modulation.params)
-    entries, heads = blocks
-    if heads == q.shape[1]:  # whole batch entries per block
-        return torch.cat([
-            _inference_block(q[b:b + entries], k[b:b + entries], v[b:b + entries], scale, None, modulation.params)
-            for b in range(0, q.shape[0], entries)
-        ])
-    # blocks of heads within one batch entry: q[b, h:h+n] is a 3-D strided view that the
-    # products read in place (flattening (B, H) of the model's q, k, v would copy them)
-    out = torch.cat([
-        _inference_block(q[b, h:h + heads], k[b, h:h + heads], v[b, h:h + heads], scale, None, modulation.params)
-        for b in range(q.shape[0]) for h in range(0, q.shape[1], heads)
-    ])
-    return out.unflatten(0, q.shape[:2])
+    return _inference(q, k, v, scale, bias, modulation.params)
 
 
-def _cpu_blocks(q: torch.Tensor, k: torch.Tensor) -> Optional[Tuple[int, int]]:
-    """(batch entries, heads) per block of the CPU inference path: as many heads of one entry as
-    fit ``CPU_BLOCK_ELEMENTS`` scores, or when all of an entry's heads fit, as many whole entries
-    (small images: one block per entry would be mostly per-call overhead). None for one block:
-    not on CPU, not (B, H, N, D), dynamic shapes, or too many blocks to trace under torch.compile."""
-    scores = q.shape[-2] * k.shape[-2]
-    if q.device.type != "cpu" or q.dim() != 4 or any(isinstance(x, torch.SymInt) for x in (*q.shape, scores)):
-        return None
-    batch, num_heads = q.shape[:2]
-    heads = max(1, min(num_heads, CPU_BLOCK_ELEMENTS // scores))
-    entries = min(batch, max(1, CPU_BLOCK_ELEMENTS // (num_heads * scores))) if heads == num_heads else 1
-    blocks = -(-batch // entries) * -(-num_heads // heads)
-    if blocks == 1 or (torch.compiler.is_compiling() and blocks > MAX_TRACED_BLOCKS):
-        return None
-    return entries, heads
-
-
-def _inference_block(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
+def _inference(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
     """The products under the caller's autocast, as in the gradient path; φ + softmax in float32."""
     q_scale = _query_scale(_matmul_dtype(q, k), scale)
     if q_scale != 1.0:

@@ -9,17 +9,20 @@ The learnable scalars are laid out as in checkpoints trained with the paper's co
 ``ranges = [b1, d1, b2, d2, ...]`` and ``ts = [t_b1, t_d1, t_b2, t_d2, ...]``, each of shape (2N,).
 
 All normalizers compute in float32, also under fp16/bf16 autocast (σ squares its input), and
-return the input's dtype.
+return the input's dtype. The learned modulators are read out of a model or a state dict here
+too, in one shape (``ModulatorParams``), for the training log, eval's JSON and the figures.
 """
 from __future__ import annotations
 
-from typing import Callable, Dict, Optional
+import re
+from typing import Callable, Dict, List, Mapping, NamedTuple, Optional
 
 import torch
 import torch.nn as nn
 from timm.layers import register_notrace_module
 
-from .choices import MODULATOR_INITS, NORMALIZERS
+from .choices import MODULATOR_INITS, NORMALIZERS, check_choice
+from .weights import CheckpointMismatchError, in_our_names
 
 EVSOFTMAX_TRAIN_EPS = 1e-6
 
@@ -105,8 +108,7 @@ class SegLU(nn.Module):
         super().__init__()
         if order < 1:
             raise ValueError(f"SegLU order must be >= 1, got {order}")
-        if init not in MODULATOR_INITS:
-            raise ValueError(f"SegLU init must be one of {MODULATOR_INITS}, got {init!r}")
+        check_choice("SegLU init", init, MODULATOR_INITS)
         self.order = order
         self.init = init
         self.ranges = nn.Parameter(torch.zeros(2 * order))
@@ -237,18 +239,70 @@ def build_normalizer(
     temperature: float = 1.0,
 ) -> Normalizer:
     """A normalizer module by name: one of ``NORMALIZERS``."""
-    if name not in _NORMALIZER_CLASSES:
-        raise ValueError(f"unknown normalizer {name!r}; choose one of {', '.join(NORMALIZERS)}")
+    check_choice("normalizer", name, NORMALIZERS)
     return _NORMALIZER_CLASSES[name](order, init, affine, temperature)
 
 
+# ---------------------------------------------------------------- reading modulators out
+
+class ModulatorParams(NamedTuple):
+    """One SegLU's parameters: ``ranges``/``ts`` (2N,), and ``scale``/``shift`` (1,) for the affine
+    variant (else None); detached float32 copies on the CPU when read by the functions below."""
+
+    ranges: torch.Tensor
+    ts: torch.Tensor
+    scale: Optional[torch.Tensor] = None
+    shift: Optional[torch.Tensor] = None
+
+    @classmethod
+    def of(cls, modulator: SegLU) -> "ModulatorParams":
+        return cls(*(None if p is None else p.detach().float().cpu()
+                     for p in (modulator.ranges, modulator.ts, modulator.scale, modulator.shift)))
+
+    def lists(self) -> Dict[str, List[float]]:
+        """As JSON: ``ranges``, ``ts`` and, for the affine variant, ``scale``, ``shift``."""
+        return {k: v.tolist() for k, v in self._asdict().items() if v is not None}
+
+
 def modulators(model: nn.Module) -> Dict[str, SegLU]:
-    """All SegLU modulators of a model by module name (for logging, weight decay, analysis)."""
+    """All SegLU modulators of a model by module name (``blocks.{i}.attn.normalizer.modulator``,
+    ``out_modulator``)."""
     return {name: m for name, m in model.named_modules() if isinstance(m, SegLU)}
+
+
+def modulator_params(model: nn.Module) -> Dict[str, ModulatorParams]:
+    """Every modulator's parameters by module name (eval's ``attn_stats``, the training log)."""
+    return {name: ModulatorParams.of(m) for name, m in modulators(model).items()}
+
+
+# A modulator's parameters in a state dict under our names (the paper's are mapped onto them)
+_MODULATOR_KEY = re.compile(r"^(?:blocks\.(\d+)\.attn\.normalizer\.modulator|out_modulator)\.(ranges|ts|scale|shift)$")
+
+
+def modulators_from_state_dict(state_dict: Mapping[str, torch.Tensor]) -> Dict[str, ModulatorParams]:
+    """The modulators in a state dict (ours or the paper's code's), keyed ``blocks.{i}`` (attention
+    layer i) and ``out`` (the output layer), blocks in order then ``out``; empty for a softmax model.
+    A ``CheckpointMismatchError`` if one lacks ``ranges`` or ``ts`` of one even length."""
+    found: Dict[str, Dict[str, torch.Tensor]] = {}
+    for key, value in in_our_names(state_dict)[0].items():
+        m = _MODULATOR_KEY.match(key)
+        if m:
+            name = f"blocks.{m.group(1)}" if m.group(1) is not None else "out"
+            found.setdefault(name, {})[m.group(2)] = value.detach().float().cpu()
+    out = {}
+    for name in sorted(found, key=lambda n: (n == "out", int(n.split(".")[1]) if n != "out" else 0)):
+        params = found[name]
+        if ("ranges" not in params or "ts" not in params or params["ranges"].shape != params["ts"].shape
+                or params["ranges"].dim() != 1 or params["ranges"].numel() % 2):
+            raise CheckpointMismatchError(f"modulator {name}: needs 'ranges' and 'ts' of one even length (2N,), "
+                                          f"got { {k: tuple(v.shape) for k, v in params.items()} }")
+        out[name] = ModulatorParams(params["ranges"], params["ts"], params.get("scale"), params.get("shift"))
+    return out
 
 
 __all__ = [
     "NORMALIZERS", "MODULATOR_INITS", "seglu", "multimax", "softmax",
     "sparsemax", "entmax15", "evsoftmax", "SegLU", "Normalizer", "Softmax", "MultiMax",
-    "Sparsemax", "Entmax15", "EvSoftmax", "build_normalizer", "modulators",
+    "Sparsemax", "Entmax15", "EvSoftmax", "build_normalizer", "ModulatorParams", "modulators", "modulator_params",
+    "modulators_from_state_dict",
 ]

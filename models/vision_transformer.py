@@ -16,7 +16,7 @@ from timm.data import IMAGENET_DEFAULT_MEAN, IMAGENET_DEFAULT_STD
 from timm.models import VisionTransformer, build_model_with_cfg, generate_default_cfgs, register_model
 
 from .attention import MultiMaxAttention
-from .choices import OUT_NORMALIZERS
+from .choices import OUT_NORMALIZERS, check_choice
 from .multimax import SegLU
 
 
@@ -49,8 +49,7 @@ class MultiMaxVisionTransformer(VisionTransformer):
         grad_checkpointing: bool = False,
         **kwargs: Any,
     ) -> None:
-        if out_normalizer not in OUT_NORMALIZERS:
-            raise ValueError(f"out_normalizer must be one of {OUT_NORMALIZERS}, got {out_normalizer!r}")
+        check_choice("out_normalizer", out_normalizer, OUT_NORMALIZERS)
         kwargs.setdefault("class_token", False)
         kwargs.setdefault("global_pool", "avg")
         kwargs.setdefault("fc_norm", False)

@@ -12,20 +12,17 @@
 (scripts/benchmark_memory.py measures the peak memory of one attention layer.)
 
 Each variant is built and warmed up (this includes torch.compile), then the variants of a group
-are timed round-robin, in A B B A order (``engine.benchmarking``, which also says what the clocks
-and the confidence interval are). Reported: the median step time over repeats (→ img/s) and,
+are timed round-robin, in A B B A order (``_benchmarking.py``, which also says what the clocks and
+the confidence interval are). Reported: the median step time over repeats (→ img/s) and,
 against the baseline (the same architecture, mode, compile flag and dtype with
 softmax attention), the median of the per-repeat time ratios with its 95% confidence interval,
 and the ratio of the fastest repeats (the least disturbed ones on a shared machine); also the
 median minor page faults per step. A train step is forward + cross-entropy + backward + AdamW
 step, the optimizer built as train.py builds it (``engine.optim.build_optimizer``: DeiT's
 parameter groups, fused AdamW on CPU and CUDA); an inference step is a forward under
-inference_mode. On CPU, glibc's malloc is tuned as
-train.py tunes it (``engine.cpu_alloc``); ``--malloc default`` measures with glibc's defaults.
-CPU inference of the explicit path runs in cache-sized blocks (``models.attention_kernels``);
-``--cpu-infer-blocks off`` measures it in one block, the whole (B, H, N, N) scores at once.
+inference_mode.
 "peak extra MB" is the peak of memory allocated during one step above what was allocated before
-it (weights, optimizer state, the input batch), as ``engine.benchmarking.ExtraMemory`` counts it
+it (weights, optimizer state, the input batch), as ``_benchmarking.ExtraMemory`` counts it
 (not reported for compiled variants on CPU, whose buffers that counter cannot see).
 """
 from __future__ import annotations
@@ -48,14 +45,13 @@ import torch  # noqa: E402
 import torch.nn.functional as F  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
-from engine.benchmarking import (  # noqa: E402
+from scripts._benchmarking import (  # noqa: E402
     ExtraMemory, add_common_args, autocast, fmt, markdown_table, median_ci, meta_model, parse_cli_args, run_cli, setup,
     sync, time_rounds, write_report,
 )
 from engine.config import OptimConfig  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.optim import build_optimizer  # noqa: E402
-from models import attention_kernels  # noqa: E402
 from models.choices import ATTN_BACKENDS, NORMALIZERS, OUT_NORMALIZERS  # noqa: E402
 
 MODES = ("train", "infer")
@@ -292,25 +288,14 @@ def parse_args(argv: Optional[Sequence[str]]) -> argparse.Namespace:
     p.add_argument("--img-size", nargs="+", type=int, default=None, help="image size(s) (default: the model's)")
     p.add_argument("--steps", type=int, default=2, help="steps per variant per round")
     p.add_argument("--no-memory", action="store_true", help="skip the peak-memory step")
-    p.add_argument("--cpu-infer-blocks", default="on", choices=("on", "off"),
-                   help="CPU inference of the explicit path in cache-sized blocks (as the library runs it), "
-                        "or in one block")
     add_common_args(p, warmup=3, repeats=5)
     return parse_cli_args(p, argv, {"warmup": 0, "repeats": 1, "steps": 1, "batch_size": 1, "threads": 1})
 
 
 def run(args: argparse.Namespace) -> None:
     device, info = setup(args)
-    info["cpu_infer_blocks"] = args.cpu_infer_blocks
-    block_elements = attention_kernels.CPU_BLOCK_ELEMENTS
-    if args.cpu_infer_blocks == "off":
-        attention_kernels.CPU_BLOCK_ELEMENTS = sys.maxsize
-    try:
-        results = run_groups(args, device)
-    finally:
-        attention_kernels.CPU_BLOCK_ELEMENTS = block_elements
-    write_report(args, info, {"throughput": results}, [throughput_table(results)],
-                 note=f"; CPU inference blocks: {args.cpu_infer_blocks}")
+    results = run_groups(args, device)
+    write_report(args, info, {"throughput": results}, [throughput_table(results)])
 
 
 def run_groups(args: argparse.Namespace, device: torch.device) -> List[Result]:

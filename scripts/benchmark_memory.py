@@ -17,8 +17,8 @@ compile flag), is
   its high-water mark is reset after warm-up and compilation. It sees everything the process
   touched, compiled code included.
 Next to it, for eager layers on CPU: the peak of live tensor bytes and what autograd holds after
-the forward pass for the backward (``engine.benchmarking.ExtraMemory``); and the fwd+bwd time,
-the layers of one token count timed round-robin (``engine.benchmarking.time_rounds``).
+the forward pass for the backward (``_benchmarking.ExtraMemory``); and the fwd+bwd time,
+the layers of one token count timed round-robin (``_benchmarking.time_rounds``).
 """
 from __future__ import annotations
 
@@ -38,7 +38,7 @@ sys.path.insert(0, ROOT)
 import torch  # noqa: E402
 
 import models  # noqa: E402,F401  (registers the models with timm)
-from engine.benchmarking import (  # noqa: E402
+from scripts._benchmarking import (  # noqa: E402
     ExtraMemory, add_common_args, autocast, fmt, markdown_table, meta_model, parse_cli_args, run_cli, setup,
     time_rounds, write_report,
 )

@@ -20,9 +20,10 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
-    figure_script_main, check_figure_output, check_finite,
-    ModulatorParams, checkpoint_modulators, modulator_evolution_figure, save_figure,
+    figure_script_main, check_figure_output, check_finite, checkpoint_modulators, modulator_evolution_figure,
+    save_figure,
 )
+from models.multimax import ModulatorParams  # noqa: E402
 
 
 def read_modulators(path: str, use_ema: bool = False) -> Tuple[Optional[int], Dict[str, ModulatorParams]]:

@@ -29,9 +29,10 @@ from engine.attn_stats import multimodality, sparsity  # noqa: E402
 from engine.errors import UserError  # noqa: E402
 from engine.plots import (  # noqa: E402
     figure_script_main, check_figure_output, check_finite,
-    ModulatorParams, SimplexSeries, checkpoint_modulators, modulator_curve, save_figure,
+    SimplexSeries, checkpoint_modulators, modulator_curve, save_figure,
     short_name, simplex_figure,
 )
+from models.multimax import ModulatorParams  # noqa: E402
 
 DEFAULT_X2 = (10.0, 8.0, 6.0, 4.0, 2.0)
 DEFAULT_TEMPERATURES = (0.5, 1.0, 2.0, 5.0)

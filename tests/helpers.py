@@ -32,7 +32,7 @@ def run_train(args, rc=0):
 
 
 def load_script(name):
-    """scripts/<name>.py as a module (scripts/ is not a package), loaded once per process."""
+    """scripts/<name>.py as a module (scripts are run as files, not imported), loaded once per process."""
     key = f"{name}_script"
     if key not in sys.modules:
         spec = importlib.util.spec_from_file_location(key, os.path.join(ROOT, "scripts", f"{name}.py"))

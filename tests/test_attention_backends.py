@@ -285,49 +285,26 @@ def test_modulated_attention_under_autocast():
         assert (a - b).norm() <= 0.03 * b.norm(), f"d{label}: {(a - b).norm()} vs {b.norm()}"
 
 
-@pytest.mark.parametrize("n", [50, 200])
-def test_blocked_inference_equals_one_block(monkeypatch, n):
-    """Inference on CPU in blocks of heads per batch entry, or of whole entries (last block
-    short), equals the gradient path; under autocast too; with a mask (one block)."""
+def test_inference_path_equals_the_gradient_path():
+    """Without a gradient the explicit path runs plain ops (no autograd Function): the same
+    output as with one, with and without a mask, and close under bf16 autocast."""
+    n = 50
     mod = ScoreModulation.of(_normalizer())
     q, k, v = (t.detach() for t in _qkv(b=3, h=3, n=n))
     bias = torch.zeros(n, n).masked_fill(torch.rand(n, n, generator=torch.Generator().manual_seed(3)) > 0.8, -torch.inf)
     bias.fill_diagonal_(0.0)
     with torch.enable_grad():
         ref, ref_masked = (modulated_attention(q, k, v.clone().requires_grad_(), mod, 0.25, b).detach() for b in (None, bias))
-    monkeypatch.setattr(kernels, "CPU_BLOCK_ELEMENTS", 2 * n * n)  # 2 heads per block: 2 blocks per entry
-    calls, block = [], kernels._inference_block
-    monkeypatch.setattr(kernels, "_inference_block", lambda q, *a: calls.append(tuple(q.shape)) or block(q, *a))
     with torch.inference_mode():
         torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25), ref, rtol=1e-5, atol=1e-6)
         torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25, bias), ref_masked, rtol=1e-5, atol=1e-6)
         with torch.autocast("cpu", dtype=torch.bfloat16):
             low = modulated_attention(q.bfloat16(), k.bfloat16(), v.bfloat16(), mod, 0.25)
-    # 3 entries × (2 heads + 1 head), then the masked call as one block, then 6 blocks under autocast
-    assert calls[:7] == [(2, n, 16), (1, n, 16)] * 3 + [(3, 3, n, 16)], calls
-    assert len(calls) == 13
-    monkeypatch.setattr(kernels, "CPU_BLOCK_ELEMENTS", 2 * 3 * n * n)  # every head of 2 entries per block
-    calls.clear()
-    with torch.inference_mode():
-        assert torch.equal(modulated_attention(q, k, v, mod, 0.25), ref)
-    assert calls == [(2, 3, n, 16), (1, 3, n, 16)]
     qb, kb, vb = q.bfloat16(), k.bfloat16(), v.bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
         low_ref = modulated_attention(qb, kb, vb, mod, 0.25).detach()
     assert low.dtype == torch.bfloat16
     torch.testing.assert_close(low, low_ref, rtol=1e-2, atol=1e-2)
-
-
-def test_inference_blocks_are_bounded_under_compile(monkeypatch):
-    """Compiled, a large batch is traced as one block instead of hundreds (compile time)."""
-    q = torch.empty(40, 6, 196, 64)
-    assert kernels._cpu_blocks(q, q) == (1, 3)  # 80 blocks of 3 heads, eager
-    small = torch.empty(192, 4, 16, 16)  # the quickstart's eval batch: 128 entries per block, not 192 blocks
-    assert kernels._cpu_blocks(small, small) == (128, 4)
-    monkeypatch.setattr(torch.compiler, "is_compiling", lambda: True)
-    assert kernels._cpu_blocks(q, q) is None
-    assert kernels._cpu_blocks(q[:8], q[:8]) == (1, 3)  # 16 blocks: traced as blocks
-    assert kernels._cpu_blocks(q[:1, :2], q[:1, :2]) is None  # one block anyway
 
 
 def test_chunked_custom_ops_opcheck():

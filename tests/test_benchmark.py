@@ -1,12 +1,12 @@
 """scripts/benchmark.py and scripts/benchmark_memory.py: end to end on tiny models, the variant
-axes, the deit preset and the statistics; the memory counters (engine.benchmarking, the RSS
+axes, the deit preset and the statistics; the memory counters (scripts/_benchmarking.py, the RSS
 probe) and the memory target they measure (chunked attention's peak)."""
 import json
 
 import pytest
 import torch
 
-from engine.benchmarking import LiveTensorBytes, median_ci
+from scripts._benchmarking import LiveTensorBytes, median_ci
 from helpers import load_script
 from models.attention_kernels import ScoreModulation, chunked_attention, modulated_softmax
 from models.multimax import build_normalizer
@@ -130,22 +130,3 @@ def test_live_tensor_counter():
         c = torch.ones(500, 1000)  # 2 MB, after the 4 MB were freed
     assert tracker.peak == 4_000_000 and tracker.current == 2_000_000
     del c
-
-
-@pytest.mark.parametrize("blocks", ["on", "off"])
-def test_benchmark_cpu_infer_blocks_switch(tmp_path, monkeypatch, blocks):
-    """--cpu-infer-blocks off runs the explicit path's CPU inference in one block (the library
-    keeps its blocks afterwards); on, the default, in the library's blocks."""
-    from models import attention_kernels
-    bench = load_script("benchmark")
-    seen, original = [], attention_kernels._cpu_blocks
-    monkeypatch.setattr(attention_kernels, "_cpu_blocks", lambda q, k: seen.append(original(q, k)) or seen[-1])
-    before = attention_kernels.CPU_BLOCK_ELEMENTS
-    out_json = tmp_path / "b.json"
-    rc = bench.main(["--model", "vit_micro_multimax_patch7_28", "--mode", "infer", "--batch-size", "192",
-                     "--warmup", "0", "--repeats", "1", "--steps", "1", "--no-memory",
-                     "--cpu-infer-blocks", blocks, "--out-json", str(out_json)])
-    assert rc == 0 and seen
-    assert json.loads(out_json.read_text())["machine"]["cpu_infer_blocks"] == blocks
-    assert all(b is None for b in seen) == (blocks == "off")
-    assert attention_kernels.CPU_BLOCK_ELEMENTS == before

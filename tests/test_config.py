@@ -1,10 +1,9 @@
 """engine/config.py and configs/: every preset loads, the DeiT recipe is pinned, and each kind of
 user mistake gives a UserError that names the key and where it came from."""
+import dataclasses
 import glob
 import math
 import os
-import subprocess
-import sys
 
 import pytest
 import timm
@@ -344,7 +343,7 @@ def test_override_without_equals_sign():
 
 @pytest.mark.parametrize("name, suggestion", [
     ("fashion_mnsit", "fashion_mnist"), ("cifar10", "torch/cifar10"), ("imagefoldr", "imagefolder"),
-    ("torch/cifar01", "torch/cifar10"), ("ImageFolders", "imagefolder"),
+    ("torch/cifar01", "torch/cifar10"), ("ImageFolders", "imagefolder"), ("tourch/cifar10", "torch/cifar10"),
 ])
 def test_unknown_dataset_names_get_a_suggestion(name, suggestion, tmp_path):
     msg = error(None, [f"data.dataset={name}"])
@@ -352,8 +351,19 @@ def test_unknown_dataset_names_get_a_suggestion(name, suggestion, tmp_path):
     msg = error(write(tmp_path, "d.yaml", f"data:\n  dataset: {name}\n"))
     assert "d.yaml" in msg and suggestion in msg
     assert "streaming" in error(None, ["data.dataset=wds/shards"])
-    for ok in ("fashion_mnist", "Fashion-MNIST", "imagefolder", "image_folder", "torch/CIFAR10", "hfds/user/set"):
+    for ok in ("fashion_mnist", "Fashion-MNIST", "imagefolder", "image_folder", "torch/CIFAR10", "torch/inat",
+               "hfds/user/set"):
         assert load_config(None, [f"data.dataset={ok}"]).data.dataset == ok
+
+
+def test_torch_dataset_names_are_the_ones_timms_factory_builds():
+    """torch/<name> is asked of timm's factory itself: torchvision has SVHN, but timm builds no
+    torch/svhn, so the config refuses it rather than the run failing later."""
+    from engine.config import timm_builds_torch_dataset
+
+    assert timm_builds_torch_dataset("places365") and timm_builds_torch_dataset("image_folder")
+    assert not timm_builds_torch_dataset("svhn")
+    assert "is not a torchvision dataset timm's factory builds" in error(None, ["data.dataset=torch/svhn"])
 
 
 def test_tilde_in_path_keys_is_the_home_directory(tmp_path, monkeypatch):
@@ -378,20 +388,34 @@ def test_duplicate_yaml_keys_name_file_line_and_key(tmp_path):
     assert load_config(write(tmp_path, "merge.yaml", "optim:\n  <<: {lr: 1.0}\n  lr: 2.0e-3\n")).optim.lr == 2e-3
 
 
-def test_config_checks_need_no_torch_and_use_the_models_own_choices():
-    """Reading and checking a config imports neither torch nor the models package; the choice
-    lists it checks against are the very objects the models use."""
-    code = ("import sys; from engine.config import MODEL_CHOICES, load_config; "
-            "load_config('configs/deit_small_multimax.yaml', ['model.attn_backend=flex']); "
-            "print(sorted(m for m in ('torch', 'timm', 'models') if m in sys.modules), "
-            "sys.modules['models.choices'] is MODEL_CHOICES, MODEL_CHOICES.__file__)")
-    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
-    assert out.returncode == 0, out.stderr
-    assert out.stdout.split() == ["[]", "True", os.path.join(ROOT, "models", "choices.py")]
-    from engine.config import MODEL_CHOICES
-    from models.attention import ATTN_BACKENDS
+def test_config_checks_the_models_own_choices_with_the_models_own_check():
+    """The choice lists the config checks against are the very objects the models use, and a
+    model built directly (timm.create_model) refuses a bad value in the same words."""
+    from engine.config import KEYS
 
-    assert models.choices is MODEL_CHOICES and models.NORMALIZERS is MODEL_CHOICES.NORMALIZERS
-    assert ATTN_BACKENDS is MODEL_CHOICES.ATTN_BACKENDS
+    assert KEYS["model.attn_normalizer"].choices == models.choices.NORMALIZERS
+    assert KEYS["model.attn_backend"].choices == models.choices.ATTN_BACKENDS
     with pytest.raises(UserError, match=r"model.attn_backend = 'flexx' is not one of .*; did you mean 'flex'"):
         load_config(None, ["model.attn_backend=flexx"])
+    with pytest.raises(ValueError, match=r"attention backend = 'flexx' is not one of .*; did you mean 'flex'"):
+        timm.create_model("vit_micro_multimax_patch7_28", attn_backend="flexx")
+    with pytest.raises(ValueError, match=r"out_normalizer = 'sparsemax' is not one of softmax \| multimax"):
+        timm.create_model("vit_micro_multimax_patch7_28", out_normalizer="sparsemax")
+
+
+def test_every_key_is_declared_once_with_its_help():
+    """A key's facts are its declaration (engine.config.key): every field has one, with a one-line
+    help; the loop's options read train.* and optim.* keys by name, so the two share none."""
+    from engine.config import KEYS, DataConfig, ModelConfig, OptimConfig, TrainConfig
+
+    sections = {"model": ModelConfig, "data": DataConfig, "optim": OptimConfig, "train": TrainConfig}
+    assert list(KEYS) == [f"{s}.{f.name}" for s, cls in sections.items() for f in dataclasses.fields(cls)]
+    for dotted, spec in KEYS.items():
+        assert spec.help.strip() and "\n" not in spec.help, dotted
+    assert not {f.name for f in dataclasses.fields(TrainConfig)} & {f.name for f in dataclasses.fields(OptimConfig)}
+    cfg = load_config(os.path.join(CONFIGS, "deit_small_multimax.yaml"),
+                      ["model.kwargs.depth=4", "model.kwargs.extra={a: [1, 2]}", "data.root=/data/a #b"])
+    text = dump_config(cfg, help=True)
+    assert config_from_yaml_text(text) == cfg
+    assert "  lr: 0.0005  # peak lr for lr_base_batch images per step\n" in text
+    assert "  # extra timm.create_model kwargs\n  kwargs:\n" in text  # a value over several lines: the help above

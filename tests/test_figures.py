@@ -11,7 +11,8 @@ import torch
 
 import models
 from engine.errors import UserError
-from engine.plots import barycentric_xy, model_curves, modulator_curve, modulator_figure, modulators_from_state_dict
+from engine.plots import barycentric_xy, modulator_curve, modulator_figure
+from models.multimax import ModulatorParams, modulator_params, modulators_from_state_dict
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -187,7 +188,9 @@ def test_barycentric_projection():
     assert series["sparsemax"].sparsity.tolist() == [1.0] * 5
 
 
-def test_model_curves_match_the_modules_including_affine():
+def test_modulator_params_read_from_a_model_match_the_modules_including_affine():
+    """What the log and the figures read of a live model (ModulatorParams.of) and of its state dict
+    (modulators_from_state_dict) is the same σ as the modules compute."""
     torch.manual_seed(0)
     mods = {"plain": models.SegLU(order=2), "affine": models.SegLU(order=1, affine=True)}
     with torch.no_grad():
@@ -195,8 +198,16 @@ def test_model_curves_match_the_modules_including_affine():
         mods["affine"].shift.fill_(-1.0)
         mods["affine"].ts.copy_(torch.tensor([-3.0, 0.5]))
     x = torch.linspace(-4, 4, 33)
-    for name, params in model_curves(mods).items():
-        torch.testing.assert_close(modulator_curve(params, x), mods[name](x).detach())
+    for name, mod in mods.items():
+        torch.testing.assert_close(modulator_curve(ModulatorParams.of(mod), x), mod(x).detach())
+    assert set(ModulatorParams.of(mods["plain"]).lists()) == {"ranges", "ts"}
+    assert ModulatorParams.of(mods["affine"]).lists()["scale"] == [2.0]
+    model = timm.create_model("vit_micro_multimax_patch7_28", depth=2, modulator_affine=True)
+    live, stored = modulator_params(model), modulators_from_state_dict(model.state_dict())
+    assert list(live) == ["blocks.0.attn.normalizer.modulator", "blocks.1.attn.normalizer.modulator", "out_modulator"]
+    assert list(stored) == ["blocks.0", "blocks.1", "out"]
+    for a, b in zip(live.values(), stored.values()):
+        assert a.lists() == b.lists()
 
 
 @pytest.mark.parametrize("script, args, words", [

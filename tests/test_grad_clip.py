@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 
 import models  # noqa: F401  (registers the micro models with timm)
-from engine.config import OptimConfig
+from engine.config import OptimConfig, TrainConfig
 from engine.distributed import DistInfo
 from engine.loop import LoopOptions, Trainer, TrainState, build_criterion, grad_norm_
 from engine.optim import build_optimizer, clip_groups
@@ -92,7 +92,7 @@ def _train(monkeypatch, opts, reference):
 
 
 def test_without_clip_grad_training_is_bit_identical_to_the_unchanged_norm(monkeypatch):
-    opts = LoopOptions(log_every=3)
+    opts = LoopOptions(TrainConfig(log_every=3))
     trainer, result = _train(monkeypatch, opts, reference=False)
     assert [[id(p) for p in g] for g in trainer.grad_groups] == [[id(p) for p in trainer.model.parameters()]]
     ref_trainer, ref_result = _train(monkeypatch, opts, reference=True)
@@ -125,7 +125,7 @@ def test_the_trainer_clips_each_group_before_the_update(monkeypatch):
     info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
     clip = 1e-3
     trainer = Trainer(model, optimizer, build_criterion(False, 0.1), lambda s: 1e-3, TrainState(), info,
-                      LoopOptions(log_every=2, clip_grad=clip))
+                      LoopOptions(TrainConfig(log_every=2), OptimConfig(clip_grad=clip)))
     g = torch.Generator().manual_seed(2)
     trainer.train_one_epoch([(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
                              for _ in range(2)], epoch=0)

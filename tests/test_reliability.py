@@ -746,6 +746,10 @@ def test_run_dir_of_another_config_is_refused(fake_fmnist, tmp_path, capsys):
     capsys.readouterr()
     run_train(tiny_overrides(fake_fmnist, out, **{"train.epochs": 1}))
     assert "already finished" in capsys.readouterr().out
+    # keys declared resumable (engine.config.key(..., resumable=True)) may change between jobs
+    run_train(tiny_overrides(fake_fmnist, out, **{"train.epochs": 1, "train.log_every": 7, "data.workers": 1,
+                                                  "model.attn_backend": "chunked"}))
+    assert "already finished" in capsys.readouterr().out
 
 
 def test_resume_checkpoint_of_another_model_or_truncated(fake_fmnist, tmp_path, capsys):

@@ -1,5 +1,5 @@
-"""What the two benchmark scripts share: scripts/benchmark.py (step times of whole models) and
-scripts/benchmark_memory.py (peak memory of one attention layer).
+"""What the two benchmark scripts share: benchmark.py (step times of whole models) and
+benchmark_memory.py (peak memory of one attention layer).
 
 Timing: the variants of a comparison are built and warmed up first, then timed round-robin
 (``time_rounds``): repeat r times {for each variant: ``steps`` steps}, in reverse order every
@@ -36,9 +36,8 @@ import torch
 from torch.utils import _pytree as pytree
 from torch.utils._python_dispatch import TorchDispatchMode
 
-from .cpu_alloc import ALLOCATOR_MODES, apply_allocator_mode
-from .errors import EXIT_OK, EXIT_USER_ERROR, UserError
-from .loop import AMP_DTYPES, autocast as _amp_autocast
+from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError
+from engine.loop import AMP_DTYPES, autocast as _amp_autocast
 
 DTYPES = {"fp32": None, **AMP_DTYPES}  # the --dtype choices: engine.loop's AMP dtypes, "none" named fp32
 MB = 2.0 ** 20
@@ -189,8 +188,6 @@ def add_common_args(p: argparse.ArgumentParser, warmup: int, repeats: int) -> No
     p.add_argument("--threads", type=int, default=None, help="torch.set_num_threads")
     p.add_argument("--clock", default="wall", choices=list(CLOCKS),
                    help="wall time, or process CPU time (use with --threads 1 on a shared machine)")
-    p.add_argument("--malloc", default="tuned", choices=ALLOCATOR_MODES,
-                   help="CPU: glibc malloc tuned as train.py does (engine.cpu_alloc), or its defaults")
     p.add_argument("--out-json", help="write all settings, machine facts and raw times here")
     p.add_argument("--out-md", help="write the markdown table(s) here")
 
@@ -232,11 +229,10 @@ def parse_device(name: str) -> torch.device:
 
 
 def setup(args: argparse.Namespace) -> Tuple[torch.device, Dict[str, object]]:
-    """Apply the common options (device, malloc mode; ``args.dtype`` filled in by device) and
+    """Apply the common options (device; ``args.dtype`` filled in by device) and
     return the device and the machine facts for the report."""
     device = parse_device(args.device)
     info = machine_info(device)
-    info["malloc"] = "tuned (engine.cpu_alloc)" if apply_allocator_mode(args.malloc, device.type) else "default"
     args.dtype = args.dtype or (["bf16"] if device.type == "cuda" else ["fp32"])
     return device, info
 
@@ -269,15 +265,15 @@ def markdown_table(head: str, rows: Sequence[str]) -> str:
 
 
 def write_report(args: argparse.Namespace, info: Dict[str, object], results: Dict[str, List[Any]],
-                 tables: Sequence[str], note: str = "", exclude: Sequence[str] = ()) -> None:
-    """Print the tables under a line of machine facts (``note`` appended to it), and write them
+                 tables: Sequence[str], exclude: Sequence[str] = ()) -> None:
+    """Print the tables under a line of machine facts, and write them
     (``--out-md``) and the settings (without the keys in ``exclude``), machine facts and
     ``results`` (objects with a ``to_json()``; ``--out-json``)."""
     settings = {k: v for k, v in vars(args).items() if k not in exclude}
     payload = {"machine": info, "settings": settings, **results}
     md = [f"Machine: {info['cpu']} ({info['cpu_count']} cores, {info['torch_threads']} torch threads), "
           f"device {info['device']}{', ' + str(info['gpu']) if 'gpu' in info else ''}, torch {info['torch']}, "
-          f"{info['date']}; clock: {args.clock} time; malloc: {info['malloc']}{note}.", "",
+          f"{info['date']}; clock: {args.clock} time.", "",
           f"Command: `{info['command']}`", ""]
     for table in tables:
         md += [table, ""]
