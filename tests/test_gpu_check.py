@@ -65,6 +65,16 @@ def test_a_gpu_that_torch_cannot_use_fails_in_one_line(tmp_path):
     assert not (tmp_path / "out").exists()
 
 
+def test_why_torch_cannot_use_the_gpu(gpu_check, monkeypatch):
+    monkeypatch.setattr(torch.version, "cuda", None)
+    assert gpu_check.cuda_unusable_reason() == (f"torch {torch.__version__} is a CPU-only build (torch.version.cuda "
+                                                "is None): install a CUDA build")
+    monkeypatch.setattr(torch.version, "cuda", "13.0")
+    monkeypatch.setattr(torch.cuda, "init", lambda: None)
+    monkeypatch.setenv("CUDA_VISIBLE_DEVICES", "")
+    assert gpu_check.cuda_unusable_reason() == "CUDA_VISIBLE_DEVICES='' hides it"
+
+
 @NO_GPU
 @pytest.mark.skipif(bool(shutil.which("nvidia-smi") or glob.glob("/dev/nvidia[0-9]*")), reason="a GPU is here")
 def test_without_a_gpu_nothing_is_checked_and_it_says_so(tmp_path):
@@ -120,6 +130,36 @@ def test_training_check_passes_and_catches_a_wrong_backward(gpu_check, monkeypat
     monkeypatch.setattr(attention, "chunked_attention", wrong_backward)
     with pytest.raises(gpu_check.CheckFailed, match=r"step 1 blocks\.0\.attn\.qkv\.weight\[q\]: chunked error"):
         gpu_check.check_training(gpu_check.CPU, "chunked")
+
+
+def test_ddp_check_layout_on_one_gpu_or_more(gpu_check, monkeypatch):
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 8)
+    assert gpu_check.ddp_layout(gpu_check.GPU) == ("nccl", "cuda", "8 GPUs")
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: 1)  # train.device=auto: each process takes cuda:0
+    assert gpu_check.ddp_layout(gpu_check.GPU) == ("gloo", "auto", "both on the one GPU")
+    monkeypatch.setattr(torch.distributed, "is_backend_available", lambda name: name != "gloo")
+    with pytest.raises(gpu_check.CheckSkipped, match="NCCL refuses two ranks on one GPU, and this torch has no gloo"):
+        gpu_check.ddp_layout(gpu_check.GPU)
+    assert gpu_check.ddp_layout(gpu_check.CPU) == ("gloo", "cpu", "cpu")
+
+
+def test_only_flex_train_proposes_flex_training_and_only_where_flex_is_faster(gpu_check, tmp_path):
+    version = ".".join(torch.__version__.split(".")[:2])
+    assert version not in kernels.FLEX_TRAINING_PROVEN
+
+    def verdict(flex_train, benchmark="PASS", flex=1200.0, explicit=1000.0):
+        (tmp_path / "benchmark.json").write_text(json.dumps({"throughput": [
+            {"kernel": "sdpa", "img_per_s": 1100.0}, {"kernel": "explicit", "img_per_s": explicit},
+            {"kernel": "flex", "img_per_s": flex}]}))
+        statuses = {"flex-bf16": "PASS", "flex-train": flex_train, "train-bf16": "PASS", "benchmark": benchmark}
+        outcomes = [gpu_check.Outcome(name, status, 1.0, "") for name, status in statuses.items()]
+        return gpu_check.flex_verdict(outcomes, str(tmp_path))
+
+    assert verdict("PASS").startswith(f"flex-train passed and flex is faster (DeiT-S train step: flex 1200 img/s, "
+                                      f"compiled explicit 1000 img/s): add '{version}' to FLEX_TRAINING_PROVEN")
+    assert "leave FLEX_TRAINING_PROVEN () (models/attention_kernels.py) as it is" in verdict("PASS", flex=900.0)
+    assert f"run it before adding '{version}'" in verdict("PASS", benchmark="SKIP")
+    assert verdict("SKIP") is None and verdict("FAIL") is None  # train-bf16 trains with explicit: no evidence
 
 
 def _alive(pid):
