@@ -722,7 +722,8 @@ def _stop(proc: subprocess.Popen) -> None:
 
 def run_check(profile: Profile, out: str, name: str, deadline: float) -> Outcome:
     """``name`` in a child process of its own, stopped at ``deadline`` (time.monotonic())."""
-    result, log = os.path.join(out, name + ".result.json"), os.path.join(out, name + ".log")
+    # <name>.check.log: the check process's own output (a crash's traceback); the logs of what it runs are <name>.log
+    result, log = os.path.join(out, name + ".result.json"), os.path.join(out, name + ".check.log")
     if os.path.exists(result):
         os.remove(result)
     t0 = time.monotonic()

@@ -202,7 +202,7 @@ def test_a_failing_or_crashing_check_fails_the_run_and_the_others_still_run(gpu_
     assert summary.startswith("Machine: python ") and f"torch {torch.__version__}" in summary.splitlines()[0]
     assert "| flex-fp32 | FAIL |" in summary and "| flex error 1e-1 |" in summary
     assert "| flex-train | SKIP |" in summary and "flex has no backward on cpu" in summary
-    assert (f"exit 1 and no result; last line of {tmp_path / 'benchmark.log'}: CUDA error: an illegal memory "
+    assert (f"exit 1 and no result; last line of {tmp_path / 'benchmark.check.log'}: CUDA error: an illegal memory "
             "access was encountered |") in summary
     assert "| cuda-tests | SKIP |" in summary and "| needs CUDA |" in summary
     assert "0 passed, 2 failed, 2 skipped" in summary
