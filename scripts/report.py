@@ -438,7 +438,7 @@ def figures(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_d
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, path: str) -> List[str]:
     """Label, grid and legend ``ax``, then save its figure to ``path``; returns the written paths."""
-    from engine.plots import save_figure
+    from scripts._figures import save_figure
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)
