@@ -419,8 +419,6 @@ class CheckpointManager:
                  is_main: bool = True):
         if mode not in ("max", "min"):
             raise UserError(f"checkpoint metric mode must be 'max' or 'min', got {mode!r}")
-        if not isinstance(keep_top_k, int) or keep_top_k < 0:
-            raise UserError(f"train.keep_top_k must be an integer >= 0, got {keep_top_k!r}")
         self.run_dir = os.fspath(run_dir)
         self.keep_top_k = keep_top_k
         self.metric = metric
