@@ -61,7 +61,7 @@ def train(cfg, info, stop: StopSignals) -> int:
     from engine.checkpoint import LAST, CheckpointManager, save_checkpoint
     from engine.config import effective_lr
     from engine.logger import RunLogger, console
-    from engine.loop import LoopOptions, Trainer, agree, build_criterion, evaluate
+    from engine.loop import Trainer, agree, build_criterion, epoch_steps, evaluate
     from engine.model import EMA, build_model, built_model_config
     from engine.optim import build_optimizer, build_schedule, describe_groups
     from engine.run import (
@@ -83,8 +83,7 @@ def train(cfg, info, stop: StopSignals) -> int:
     ema = EMA(model, cfg.train.ema_decay) if cfg.train.ema else None
     lr = effective_lr(cfg, info.world_size)
     optimizer = build_optimizer(model, cfg.optim, lr)
-    opts = LoopOptions.from_config(cfg)
-    steps_per_epoch = opts.steps_per_epoch(len(loaders.train))
+    steps_per_epoch = epoch_steps(cfg.train, len(loaders.train))
     if steps_per_epoch < 1:
         raise UserError(f"data.batch_size {cfg.data.batch_size} × world size {info.world_size} × accum_steps "
                         f"{cfg.train.accum_steps} is larger than the training set ({len(loaders.train.dataset)} images)")
@@ -99,9 +98,18 @@ def train(cfg, info, stop: StopSignals) -> int:
         console(f"resumed from {resume.path} ({resume.where()})", info.is_main)
     if cfg.train.compile:
         start_compile_workers()  # shielded from the stop signals, as the DataLoader workers are
-    trainer = Trainer(wrap_model(model, cfg, info), optimizer, build_criterion(loaders.mixup_fn is not None,
-                      cfg.data.smoothing), schedule, resume.state, info, opts, scaler, ema, loaders.mixup_fn)
+    trainer = Trainer(model=wrap_model(model, cfg, info), optimizer=optimizer,
+                      criterion=build_criterion(loaders.mixup_fn is not None, cfg.data.smoothing),
+                      lr_schedule=schedule, state=resume.state, info=info, train=cfg.train, optim=cfg.optim,
+                      scaler=scaler, ema=ema, mixup_fn=loaders.mixup_fn)
     state, best = trainer.state, resume.best
+
+    def snapshot(epoch: int, steps_done: int = 0, sums=None):
+        """The checkpoint after ``epoch`` (and ``steps_done`` optimizer steps of the next one, with their
+        ``sums``). Collective: every rank calls it."""
+        return training_state(cfg=cfg, model=model, ema=ema, optimizer=optimizer, scaler=scaler, epoch=epoch,
+                              state=state, best=best, classes=loaders.info.classes, epoch_step=steps_done,
+                              epoch_sums=sums)
     on_disk = f"{resume.path} is as this job found it ({resume.where()})" if resume.path else "nothing was trained yet"
 
     stop.defer()  # from here on a signal asks for a resumable checkpoint
@@ -144,9 +152,7 @@ def train(cfg, info, stop: StopSignals) -> int:
                 if halt == Halt.FAILURE:
                     finish()  # raises rank 0's write error on every rank
                 if halt:  # saved as a mid-epoch checkpoint, maybe after the last step: then it resumes at evaluation
-                    ckpt = training_state(cfg, model, ema, optimizer, scaler, epoch - 1, state, best,  # on every rank
-                                          epoch_step=result.steps_done, epoch_sums=result.sums,
-                                          classes=loaders.info.classes)
+                    ckpt = snapshot(epoch - 1, result.steps_done, result.sums)
                     finish(lambda: save_checkpoint(ckpt, os.path.join(run_dir, LAST)))
                     console(f"{stop.name}: saved {run_dir}/{LAST} at epoch {epoch}, step {result.steps_done} of "
                             f"{steps_per_epoch}. Exit {EXIT_RESUMABLE}: rerun the same command to resume", info.is_main)
@@ -162,8 +168,7 @@ def train(cfg, info, stop: StopSignals) -> int:
                     logger.modulators(modulators(model), state.step, figure=cfg.train.plot_modulators)
                 if agree(stop.halt(), info) == Halt.FAILURE:
                     finish()  # raises rank 0's write error on every rank
-                checkpoints.save_in_background(training_state(cfg, model, ema, optimizer, scaler, epoch, state, best,
-                                                              classes=loaders.info.classes), epoch, metric)
+                checkpoints.save_in_background(snapshot(epoch), epoch, metric)
                 on_disk = f"{run_dir}/{LAST} holds epoch {epoch}"
                 console(" | ".join(f"{k} {v:.4g}" if isinstance(v, float) else f"{k} {v}" for k, v in record.items()),
                         info.is_main)

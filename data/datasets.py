@@ -25,7 +25,7 @@ from torch.utils.data import Dataset, Subset, get_worker_info
 from torchvision.datasets import ImageFolder
 from torchvision.datasets.folder import IMG_EXTENSIONS, has_file_allowed_extension, pil_loader
 
-from engine.config import FASHION_MNIST_NAMES, IMAGEFOLDER_NAMES, DataConfig, dataset_name_problem
+from engine.config import FASHION_MNIST_NAMES, IMAGEFOLDER_NAMES, DataConfig
 from engine.errors import UserError
 
 FASHION_MNIST_DEBIAN_DIR = "/usr/share/datasets/fashion-mnist"
@@ -333,10 +333,7 @@ def split_dir(cfg: DataConfig, split: str) -> str:
 def create_dataset(cfg: DataConfig, split: str, training: bool) -> Tuple[Dataset, DatasetInfo]:
     """The dataset ``split`` named by ``cfg.dataset`` (``transform`` still None) and its info,
     whose mean/std are the dataset's defaults (``data.mean``/``data.std`` are applied by the caller)."""
-    name = cfg.dataset
-    problem = dataset_name_problem(name)
-    if problem:
-        raise UserError(f"data.dataset = {name!r} {problem}")
+    name = cfg.dataset  # checked with the config (engine.config.dataset_name_problem)
     if name.lower() in FASHION_MNIST_NAMES:
         ds = load_fashion_mnist(cfg.root, split, cfg.download)
         return ds, DatasetInfo("fashion_mnist", 10, 1, *default_normalization(name, 1), FashionMNIST.classes)

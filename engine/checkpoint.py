@@ -22,8 +22,9 @@ The format (``FORMAT_VERSION`` 1; written by ``engine.run.training_state``) is a
     format_version     ``FORMAT_VERSION``
 
 Every leaf is a tensor or a plain python value, so ``torch.load(path, weights_only=True)``
-reads it. The ``model`` key is the one DeiT's and the paper's code use too, so their
-checkpoints load through the same door (``models.load_weights``).
+reads it. ``load_checkpoint`` is the one reader of checkpoint files and URLs, ours and others'
+(DeiT's, the paper's code's, safetensors); the ``model`` key is the one DeiT's and the paper's
+code use too, so their weights go into a model through the same door (``models.load_weights``).
 
 Writes are atomic: a temp file in the same directory, fsync, ``os.replace``, fsync of the
 directory. A crash or a full disk at any moment leaves the previous file whole.
@@ -40,25 +41,26 @@ system allows it (no extra I/O or space), else byte copies.
 """
 from __future__ import annotations
 
+import argparse
 import collections
 import contextlib
 import hashlib
 import json
 import math
 import os
+import pickle
 import random
 import re
 import shutil
 import threading
 import warnings
+import zipfile
 from typing import Any, BinaryIO, Callable, Dict, List, Optional, Tuple, Union
 
 import numpy as np
 import torch
 
-from models.weights import CheckpointReadError, one_line_reason, read_checkpoint
-
-from .errors import UserError, write_error
+from .errors import UserError, one_line_reason, write_error
 
 FORMAT_VERSION = 1
 LAST = "last.pth"
@@ -249,15 +251,67 @@ def _replicate(src: str, dst: str) -> None:
 
 # ---------------------------------------------------------------- loading
 
+# The one non-tensor class checkpoints may hold: DeiT's main.py saves its argparse arguments.
+SAFE_GLOBALS = (argparse.Namespace,)
+
+
 def load_checkpoint(path: PathLike, map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
-    """``models.read_checkpoint`` for the entry scripts: ``.pth``/``.pt`` with
-    ``torch.load(weights_only=True)`` (plus DeiT's ``argparse.Namespace``), or ``.safetensors``;
-    ``mmap`` maps tensors lazily (cheap inspection of a big file). Every failure is a one-line
-    UserError naming the path: missing, truncated/corrupt, or holding pickled objects."""
+    """The checkpoint dict at ``path``, a file or a URL (``download_checkpoint``), never executing
+    pickled code: ``.pth``/``.pt`` with ``torch.load(weights_only=True)``, with one class allowed
+    besides tensors and plain values, ``argparse.Namespace`` (DeiT's ``main.py``, which the paper's
+    code uses, stores its ``args`` in every checkpoint), for that load only; ``.safetensors`` as
+    ``{"model": state_dict[, "config": metadata["config"]]}``. ``mmap`` maps tensors lazily (cheap
+    inspection of a big file). Every failure is a one-line UserError naming the path: missing, a
+    directory, truncated or corrupt, not a dict, or holding pickled objects."""
+    path = os.fspath(path)
+    if is_url(path):
+        path = download_checkpoint(path)
+    if not os.path.exists(path):
+        raise UserError(f"checkpoint not found: {path}")
+    if os.path.isdir(path):
+        raise UserError(f"checkpoint {path} is a directory, not a file")
+    if path.endswith(".safetensors"):
+        return _read_safetensors(path, map_location)
     try:
-        return read_checkpoint(path, map_location, mmap)
-    except CheckpointReadError as e:
-        raise UserError(str(e)) from None
+        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
+            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except pickle.UnpicklingError as e:
+        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
+        # a refused class/function means real pickled objects; an odd opcode means junk bytes
+        if refused or re.search(r"Unsupported (global|class)|unrecognized function|Can only build", str(e)):
+            what = f" ({refused.group(1)})" if refused else ""
+            raise UserError(
+                f"{path} holds pickled Python objects{what} that loading would execute; refused (a checkpoint "
+                "may hold tensors, plain values and argparse.Namespace): re-save its weights from the program "
+                "that wrote it, e.g. torch.save({'model': model.state_dict()}, path)") from None
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
+    except RuntimeError as e:
+        if mmap and "mmap can only be used" in str(e):  # legacy (non-zip) format: read it whole
+            return load_checkpoint(path, map_location)
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
+    except OSError as e:
+        raise UserError(f"cannot read checkpoint {path}: {e.strerror or one_line_reason(e)}") from None
+    except (EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as e:
+        raise UserError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
+    if not isinstance(obj, dict):
+        raise UserError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
+    return obj
+
+
+def _read_safetensors(path: str, map_location: Any) -> Dict[str, Any]:
+    from safetensors import SafetensorError, safe_open
+
+    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
+    try:
+        with safe_open(path, framework="pt", device=device) as f:
+            metadata = f.metadata() or {}
+            state_dict = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, ValueError) as e:
+        raise UserError(f"{path} is truncated or not a safetensors file ({one_line_reason(e)})") from None
+    out: Dict[str, Any] = {"model": state_dict}
+    if "config" in metadata:
+        out["config"] = metadata["config"]
+    return out
 
 
 def is_url(path: str) -> bool:
@@ -331,9 +385,9 @@ def _download(url: str, path: str, hash_prefix: Optional[str]) -> None:
     try:
         os.makedirs(folder, exist_ok=True)
         torch.hub.download_url_to_file(url, tmp, hash_prefix, progress=False)
-        read_checkpoint(tmp, mmap=True)
+        load_checkpoint(tmp, mmap=True)
         os.replace(tmp, path)
-    except CheckpointReadError as e:
+    except UserError as e:  # the download does not load as a checkpoint
         raise UserError(f"{str(e).replace(tmp, url)}; nothing was kept in the cache") from None
     except (OSError, RuntimeError, ValueError) as e:  # URLError is an OSError; a hash mismatch a RuntimeError
         raise UserError(f"cannot download {url}: {one_line_reason(e)}") from None
@@ -365,8 +419,6 @@ class CheckpointManager:
                  is_main: bool = True):
         if mode not in ("max", "min"):
             raise UserError(f"checkpoint metric mode must be 'max' or 'min', got {mode!r}")
-        if not isinstance(keep_top_k, int) or keep_top_k < 0:
-            raise UserError(f"train.keep_top_k must be an integer >= 0, got {keep_top_k!r}")
         self.run_dir = os.fspath(run_dir)
         self.keep_top_k = keep_top_k
         self.metric = metric

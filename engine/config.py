@@ -3,13 +3,14 @@
 The dataclasses are the schema that train.py, eval.py, data/ and engine/ code against. Each key
 is declared once, by ``key``: its type (the annotation), default, one-line help, allowed values
 (``choices`` or a ``check``), whether it holds a path and whether a resumed run may change it.
-The checks, ``dump_config(help=True)`` (``train.py --print-config``), the resume check
-(``engine.run``) and the training loop's options (``engine.loop.LoopOptions``) read these
-declarations (``KEYS``). ``load_config`` starts from the defaults, applies a YAML file (after the
-files its ``_base_`` names, recursively; mappings merge key by key), then ``key.sub=value``
-overrides, and checks every key, type and value. Mistakes raise ``UserError`` naming the dotted
-key and where it came from (file or command line). ``resolve_config`` adds the derived values
-(global batch, effective lr, git SHA, versions) that the run directory records.
+The checks, ``dump_config(help=True)`` (``train.py --print-config``) and the resume check
+(``engine.run``) read these declarations (``KEYS``); the training loop (``engine.loop.Trainer``)
+reads the ``train`` and ``optim`` sections themselves. ``load_config`` starts from the defaults,
+applies a YAML file (after the files its ``_base_`` names, recursively; mappings merge key by
+key), then ``key.sub=value`` overrides, and checks every key, type and value. Mistakes raise
+``UserError`` naming the dotted key and where it came from (file or command line).
+``resolve_config`` adds the derived values (global batch, effective lr, git SHA, versions) that the
+run directory records.
 """
 from __future__ import annotations
 

@@ -12,6 +12,19 @@ class NonFiniteLossError(RuntimeError):
     epoch of skipped steps, or ``train.max_consecutive_skips`` skipped steps in a row."""
 
 
+_MAX_REASON = 160  # longer library messages are left out rather than cut mid-sentence
+
+
+def one_line_reason(e: BaseException) -> str:
+    """The library's own words, whole: its first line, else that line's first sentence when
+    the line is long, else only the exception type (never a sentence cut off)."""
+    lines = str(e).strip().splitlines()
+    text = lines[0].strip() if lines else ""
+    if len(text) > _MAX_REASON:
+        text = text.split(". ")[0].rstrip(".")
+    return f"{type(e).__name__}: {text}" if text and len(text) <= _MAX_REASON else type(e).__name__
+
+
 def write_error(path: str, e: OSError) -> UserError:
     """A failed write to ``path`` (disk full, read-only file system, ...) as a UserError naming it."""
     return UserError(f"cannot write {path}: {e.strerror or e} (is the disk full or the directory read-only?); "

@@ -4,8 +4,8 @@ An optimizer step reads like nanoGPT's (``Trainer._forward_backward`` then ``Tra
 ``accum_steps`` micro-batches forward and backward (DDP syncs gradients on the last one only),
 then the update. Nothing on that path waits for the device: the loss, the gradient norm and
 whether the step was good are summed on the device (``EpochSums``), and a step whose loss or
-gradients are not finite is skipped by the update itself (``found_inf`` of fused AdamW and of
-the fp16 GradScaler). At every ``train.log_every``-th step and at the end of the epoch the host
+gradients are not finite is skipped by the update itself (fused AdamW's ``engine.optim.step_if``,
+or the fp16 GradScaler). At every ``train.log_every``-th step and at the end of the epoch the host
 reads those sums once (``Trainer._check``): it logs and applies the non-finite policy.
 
 Stop requests (``engine.signals``) ride each step's loss all-reduce, so every rank learns of any
@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import contextlib
 import math
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any, Callable, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import numpy as np
@@ -31,7 +31,7 @@ from .checkpoint import restore_rng_state
 from .config import OptimConfig, TrainConfig
 from .errors import NonFiniteLossError
 from .logger import Progress
-from .optim import clip_groups
+from .optim import clip_groups, step_if
 from .signals import Halt, Interrupted, StopSignals, shielded_batches
 
 AMP_DTYPES = {"bf16": torch.bfloat16, "fp16": torch.float16}
@@ -54,29 +54,11 @@ def build_criterion(mixup_active: bool, smoothing: float) -> Callable:
     return lambda logits, target: F.cross_entropy(logits.float(), target, label_smoothing=smoothing)
 
 
-@dataclass(frozen=True)
-class LoopOptions:
-    """The training loop's knobs: the run config's ``train`` and ``optim`` sections, each key read by
-    its name (``opts.amp`` is ``train.amp``, ``opts.clip_grad`` is ``optim.clip_grad``; the sections
-    share no name), declared once, with default and check, in engine/config.py."""
-
-    train: TrainConfig = field(default_factory=TrainConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-
-    @classmethod
-    def from_config(cls, cfg) -> "LoopOptions":
-        return cls(cfg.train, cfg.optim)
-
-    def __getattr__(self, name: str) -> Any:  # reached only for names the class itself lacks
-        if name not in ("train", "optim") and not name.startswith("__"):
-            for section in (self.train, self.optim):
-                if hasattr(section, name):
-                    return getattr(section, name)
-        raise AttributeError(f"LoopOptions has no {name!r} (no train.{name} or optim.{name} key)")
-
-    def steps_per_epoch(self, num_batches: int) -> int:
-        steps = num_batches // self.accum_steps
-        return steps if self.max_steps_per_epoch is None else min(steps, self.max_steps_per_epoch)
+def epoch_steps(train: TrainConfig, num_batches: int) -> int:
+    """Optimizer steps in an epoch of ``num_batches`` batches: ``train.accum_steps`` batches each,
+    at most ``train.max_steps_per_epoch``."""
+    steps = num_batches // train.accum_steps
+    return steps if train.max_steps_per_epoch is None else min(steps, train.max_steps_per_epoch)
 
 
 @dataclass
@@ -122,19 +104,22 @@ class EpochSums:
     def __init__(self, device: torch.device, saved: Optional[Dict[str, float]] = None, consecutive: int = 0):
         start = {**dict.fromkeys(self.FIELDS, 0.0), "consecutive": float(consecutive), **(saved or {})}
         self.last = {f: float(start[f]) for f in self.FIELDS}  # the host's copy as of the last read
-        self.values = torch.tensor([self.last[f] for f in self.FIELDS], dtype=torch.float64, device=device)
+        self.values = {f: torch.tensor(self.last[f], dtype=torch.float64, device=device) for f in self.FIELDS}
 
     def add(self, loss: torch.Tensor, grad_norm: torch.Tensor, good: torch.Tensor, fatal: torch.Tensor,
             epoch_step: int) -> None:
         v, skipped = self.values, ~good
-        v[:5] += torch.stack([torch.where(good, loss, 0.0), torch.where(good, grad_norm.double(), 0.0),
-                              good.double(), skipped.double(), fatal.double()])
-        v[5] = (v[5] + 1) * skipped
-        v[6] = torch.where((v[6] == 0) & fatal, float(epoch_step), v[6])
+        v["loss"] += torch.where(good, loss, 0.0)
+        v["grad_norm"] += torch.where(good, grad_norm.double(), 0.0)
+        v["good"] += good.double()
+        v["skipped"] += skipped.double()
+        v["fatal"] += fatal.double()
+        v["consecutive"] = (v["consecutive"] + 1) * skipped
+        v["first_fatal"] = torch.where((v["first_fatal"] == 0) & fatal, float(epoch_step), v["first_fatal"])
 
     def read(self) -> Tuple[Dict[str, float], Dict[str, float]]:
         """(the sums now, what was added since the last read), in one host read."""
-        now = dict(zip(self.FIELDS, self.values.tolist()))
+        now = dict(zip(self.FIELDS, torch.stack([self.values[f] for f in self.FIELDS]).tolist()))
         since = {f: now[f] - self.last[f] for f in self.FIELDS}
         self.last = now
         return now, since
@@ -190,16 +175,18 @@ class Trainer:
     """The optimizer step and its bookkeeping for one run: built once, then one
     ``train_one_epoch`` call per epoch. ``state`` is updated in place."""
 
-    def __init__(self, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
-                 lr_schedule: Callable[[int], float], state: TrainState, info: "dist.DistInfo", opts: LoopOptions,
-                 scaler: Optional[torch.amp.GradScaler] = None, ema=None, mixup_fn: Optional[Callable] = None):
+    def __init__(self, *, model: nn.Module, optimizer: torch.optim.Optimizer, criterion: Callable,
+                 lr_schedule: Callable[[int], float], state: TrainState, info: "dist.DistInfo", train: TrainConfig,
+                 optim: OptimConfig, scaler: Optional[torch.amp.GradScaler] = None, ema=None,
+                 mixup_fn: Optional[Callable] = None):
+        """``train`` and ``optim``: the run config's sections, whose keys the loop reads (``train.amp``,
+        ``train.accum_steps``, ``train.log_every``, the non-finite policy, ``optim.clip_grad``)."""
         self.model, self.optimizer, self.criterion, self.lr_schedule = model, optimizer, criterion, lr_schedule
-        self.state, self.info, self.opts = state, info, opts
+        self.state, self.info, self.train, self.optim = state, info, train, optim
         self.scaler, self.ema, self.mixup_fn = scaler, ema, mixup_fn
         self.module = unwrap_model(model)  # without DDP / torch.compile: what the EMA follows
         # without clipping one group in the model's order (the norm's float32 sum depends on it)
-        self.grad_groups = clip_groups(self.module) if opts.clip_grad else [list(model.parameters())]
-        self.fused = any(group.get("fused") for group in optimizer.param_groups)
+        self.grad_groups = clip_groups(self.module) if optim.clip_grad else [list(model.parameters())]
         self.lr = lr_schedule(max(0, state.step - 1))  # the last step's: an epoch resumed after it reports it
         self.first_step = True  # of this job: compiles under torch.compile; nothing of it to save yet
 
@@ -211,7 +198,7 @@ class Trainer:
         ``stop`` asks to halt, every rank ends the epoch one or two steps later, after the same step,
         with ``halt`` set; the job's first step is an ``immediate`` window (``Interrupted``)."""
         self.model.train()
-        steps = self.opts.steps_per_epoch(len(loader))
+        steps = epoch_steps(self.train, len(loader))
         done = start.steps_done if start else 0
         sums = EpochSums(self.info.device, start.sums if start else None, self.state.consecutive_skips)
         batches = shielded_batches(loader)
@@ -226,7 +213,7 @@ class Trainer:
             self.first_step = False
             progress.count(images * self.info.world_size)
             halt = votes.exchange(step_votes)
-            if k % self.opts.log_every == 0 or k == steps or halt:
+            if k % self.train.log_every == 0 or k == steps or halt:
                 self._check(sums, epoch, k, progress, on_log)
             if halt:
                 return EpochResult(None, halt, k, sums.last)
@@ -243,7 +230,7 @@ class Trainer:
     def _forward_backward(self, batches: Iterator) -> Tuple[torch.Tensor, int]:
         """``accum_steps`` micro-batches forward and backward (DDP syncs the gradients on the last
         one only). Returns this rank's mean loss over them, on the device, and its image count."""
-        device, accum = self.info.device, self.opts.accum_steps
+        device, accum = self.info.device, self.train.accum_steps
         losses, images_seen = [], 0
         for micro in range(accum):
             images, target = next(batches)
@@ -253,7 +240,7 @@ class Trainer:
             last = micro == accum - 1
             no_sync = self.model.no_sync if self.info.distributed and hasattr(self.model, "no_sync") else None
             with contextlib.nullcontext() if last or no_sync is None else no_sync():
-                with autocast(device, self.opts.amp):
+                with autocast(device, self.train.amp):
                     loss = self.criterion(self.model(images), target)
                 scaled = loss / accum
                 (self.scaler.scale(scaled) if self.scaler is not None else scaled).backward()
@@ -272,7 +259,7 @@ class Trainer:
         mean_loss = reduced[0] / self.info.world_size
         if self.scaler is not None:
             self.scaler.unscale_(self.optimizer)
-        grad_norm = grad_norm_(self.grad_groups, self.opts.clip_grad)
+        grad_norm = grad_norm_(self.grad_groups, self.optim.clip_grad)
         loss_ok, grads_ok = torch.isfinite(mean_loss), torch.isfinite(grad_norm)
         good = loss_ok & grads_ok
         # fp16: non-finite gradients of a finite loss are the GradScaler's overflow, a skipped step
@@ -290,28 +277,24 @@ class Trainer:
         if self.scaler is not None:
             self.scaler.step(self.optimizer)  # skipped if unscale_ found inf/NaN gradients (a NaN loss makes them)
             self.scaler.update()
-        elif self.fused:
-            self.optimizer.found_inf = (~good).float()  # fused AdamW skips the update and its step count
-            self.optimizer.step()
-            del self.optimizer.found_inf
-        elif bool(good):  # the for-loop and foreach AdamW cannot skip on the device: one host sync a step
-            self.optimizer.step()
+        else:
+            step_if(self.optimizer, good)
 
     def _check(self, sums: EpochSums, epoch: int, epoch_step: int, progress: Progress, on_log) -> None:
         """A log step (or the step training stops after), the loop's one host read of the device:
         read the sums, apply the non-finite policy, log the steps since the last log step."""
         now, since = sums.read()
         step = self.state.step
-        if now["fatal"] and self.opts.nonfinite == "stop":
+        if now["fatal"] and self.train.nonfinite == "stop":
             first = int(now["first_fatal"])
             raise NonFiniteLossError(
                 f"non-finite loss or gradients at epoch {epoch}, step {step - epoch_step + first} ({first} of the "
                 "epoch); stopping all ranks. Lower optim.lr, enable optim.clip_grad, or set train.nonfinite=skip")
-        if now["consecutive"] >= self.opts.max_consecutive_skips:
+        if now["consecutive"] >= self.train.max_consecutive_skips:
             raise NonFiniteLossError(
                 f"{int(now['consecutive'])} optimizer steps in a row were skipped (non-finite loss or gradients) "
                 f"up to epoch {epoch}, step {step}; stopping (train.max_consecutive_skips="
-                f"{self.opts.max_consecutive_skips}). Lower optim.lr or enable optim.clip_grad")
+                f"{self.train.max_consecutive_skips}). Lower optim.lr or enable optim.clip_grad")
         self.state.consecutive_skips = int(now["consecutive"])
         good = since["good"]
         loss = since["loss"] / good if good else math.nan

@@ -18,12 +18,12 @@ from timm.models import get_arch_name, model_entrypoint
 
 import models
 from models.vision_transformer import MultiMaxVisionTransformer
-from models.weights import CheckpointMismatchError, LoadResult, one_line_reason
+from models.weights import CheckpointMismatchError, LoadResult
 
-from .checkpoint import download_checkpoint, is_url, load_checkpoint
+from .checkpoint import load_checkpoint
 from .config import ModelConfig
 from .distributed import is_main_process
-from .errors import UserError
+from .errors import UserError, one_line_reason
 from .logger import console
 
 
@@ -228,7 +228,7 @@ def init_from_checkpoint(model: nn.Module, path: str) -> LoadResult:
     missing modulators left at init; the main process prints what was changed."""
     where = f"model.init_checkpoint: {path}"
     try:
-        ckpt = load_checkpoint(download_checkpoint(path) if is_url(path) else path)
+        ckpt = load_checkpoint(path)
     except UserError as e:
         raise UserError(f"model.init_checkpoint: {e}") from None
     try:

@@ -10,7 +10,7 @@ network's parameters, and the SegLU modulators'.
 
 AdamW runs fused where torch has the kernel for the parameters (floating point on CPU and CUDA):
 one pass over all parameters instead of a handful of ops per parameter tensor, and a step whose
-gradients are not finite is skipped on the device (``found_inf``), so the loop never waits for
+gradients are not finite is skipped on the device (``step_if``), so the loop never waits for
 the GPU; elsewhere torch's default implementation (the same update).
 """
 from __future__ import annotations
@@ -75,6 +75,28 @@ _FUSED_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
 def fusable(params: List[torch.Tensor]) -> bool:
     """Whether torch's fused AdamW takes these parameters: floating point, on CPU or CUDA."""
     return all(p.device.type in _FUSED_DEVICES and p.dtype in _FUSED_DTYPES for p in params)
+
+
+def step_if(optimizer: torch.optim.Optimizer, good: torch.Tensor) -> None:
+    """``optimizer.step()`` if ``good`` (a 0-d bool tensor on the device) is true; else nothing, not
+    even the step count. A fused AdamW decides on the device, so the host never waits for it; any
+    other optimizer reads ``good`` on the host, one sync a step.
+
+    torch's fused Adam(W) takes the flag from an attribute: during ``step`` it skips its update where
+    ``optimizer.found_inf`` (a float tensor, 1: skip) says so. That is the protocol of
+    ``torch.amp.GradScaler``, which sets ``found_inf`` before the step of an optimizer that skips by
+    itself and deletes it after, as here. ``Optimizer.step`` has no argument for it (torch's
+    functional ``adamw`` has, but calling it would mean keeping AdamW's state by hand), so this is
+    the one place that sets it."""
+    if not any(group.get("fused") for group in optimizer.param_groups):
+        if bool(good):
+            optimizer.step()
+        return
+    optimizer.found_inf = (~good).float()
+    try:
+        optimizer.step()
+    finally:
+        del optimizer.found_inf
 
 
 _IMPL_KEYS = ("fused", "foreach")

@@ -69,10 +69,9 @@ def _check_same_experiment(cfg, cfg_path: str) -> None:
         )
 
 
-def training_state(cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, state: TrainState,
-                   best: Dict[str, Any], epoch_step: int = 0,
-                   epoch_sums: Optional[Dict[str, float]] = None,
-                   classes: Optional[Sequence[str]] = None) -> Dict[str, Any]:
+def training_state(*, cfg, model: nn.Module, ema, optimizer, scaler, epoch: int, state: TrainState,
+                   best: Dict[str, Any], classes: Optional[Sequence[str]], epoch_step: int = 0,
+                   epoch_sums: Optional[Dict[str, float]] = None) -> Dict[str, Any]:
     """The checkpoint dict (format in engine/checkpoint.py). ``epoch`` is the last completed epoch;
     ``epoch_step`` > 0 marks a mid-epoch checkpoint (written when a stop signal arrived) holding
     that many optimizer steps of epoch ``epoch + 1``, with their ``epoch_sums`` so that the resumed

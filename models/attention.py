@@ -6,9 +6,12 @@ MultiMax, the SegLU modulator) sit at ``<block>.attn.normalizer.modulator.{range
 
 Backends (``backend=``; the kernels are described in ``models.attention_kernels``):
 - ``sdpa``: ``F.scaled_dot_product_attention``; softmax only (temperature folded into the scale).
+  torch's fused kernel, as in timm's own ``Attention``: the softmax-SDPA baseline of every table
+  in docs/PERFORMANCE.md.
 - ``explicit``: scores = q·kᵀ·scale → normalizer (float32) → dropout → @ v, materialising the
-  (B, H, N, N) scores; for MultiMax ``attention_kernels.modulated_attention`` (without dropout)
-  or ``modulated_softmax`` (with it, or while recording).
+  (B, H, N, N) scores; for MultiMax without attention dropout and not recording,
+  ``attention_kernels.modulated_attention`` (the whole attention as one Function); otherwise
+  the normalizer module itself under autograd, the reference.
 - ``flex``: ``attention_kernels.flex_attention_with``; multimax/softmax, no attention dropout,
   no masks; CPU: forward only (under no_grad).
 - ``chunked``: ``attention_kernels.chunked_attention``, memory-efficient on every device;
@@ -37,14 +40,13 @@ import torch.nn.functional as F
 
 from .attention_kernels import (
     FUSED_NORMALIZERS, ScoreModulation, chunked_attention, flex_attention_with, flex_available,
-    flex_training_proven, modulated_attention, modulated_softmax,
+    flex_training_proven, modulated_attention,
 )
 from .choices import ATTN_BACKENDS, check_choice
 from .multimax import build_normalizer
 
 # FX traces a call to these as one node: they branch on their inputs (grad, device, shapes, masks)
-for _leaf in ("modulated_attention", "modulated_softmax", "chunked_attention", "flex_attention_with",
-              "_additive_mask"):
+for _leaf in ("modulated_attention", "chunked_attention", "flex_attention_with", "_additive_mask"):
     torch.fx.wrap(_leaf)
 
 
@@ -164,11 +166,7 @@ class MultiMaxAttention(nn.Module):
         if self.normalizer.name == "multimax" and self.fused_attn and not dropout:
             # the whole attention as one Function (hand-written backward); plain ops for inference
             return modulated_attention(q, k, v, ScoreModulation.of(self.normalizer), self.scale, bias)
-        scores = (q * self.scale) @ k.transpose(-2, -1)
-        if self.normalizer.name == "multimax":  # σ + softmax with a lean hand-written backward
-            probs = modulated_softmax(scores, ScoreModulation.of(self.normalizer), bias)
-        else:
-            probs = self.normalizer(scores, bias)
+        probs = self.normalizer((q * self.scale) @ k.transpose(-2, -1), bias)  # the reference, under autograd
         return self.attn_drop(probs).to(v.dtype) @ v
 
 

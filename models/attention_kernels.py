@@ -2,15 +2,18 @@
 
 Each computes softmax(φ(q·kᵀ·scale) + bias) along the keys, where φ is the normalizer's score
 modulation: σ (SegLU, optionally after the affine pre-map) for MultiMax, the identity for
-softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D).
+softmax (whose temperature is folded into the scale). q, k, v: (B, H, N, D). The reference is
+the normalizer module of ``models.multimax`` under autograd, which the explicit path runs
+wherever it needs the probabilities themselves (attention dropout, ``record_attention``); the
+kernels below stay where a benchmark row of docs/PERFORMANCE.md shows them winning on the
+hardware they serve, or until the GPU table of scripts/gpu_check.sh decides where only a GPU can.
 
 - ``modulated_attention``: the materialising (explicit) path. With a gradient, one autograd
-  Function for the whole attention with a hand-written backward: it saves the scores and the
-  probabilities (autograd through σ would save every intermediate), folds the scale into σ's
-  pass and computes the gradients of σ's parameters in the same sweep as dL/ds. Plain tensor
-  code, so torch.compile traces and fuses forward and backward. Without one, plain ops.
-- ``modulated_softmax``: σ + softmax alone as one such Function, for callers that need the
-  probabilities themselves (attention dropout, recording).
+  Function for the whole attention with a hand-written backward (``_ModulatedAttention``): it
+  saves the scores and the probabilities (autograd through σ would save every intermediate),
+  folds the scale into σ's pass and computes the gradients of σ's parameters in the same sweep
+  as dL/ds. Plain tensor code, so torch.compile traces and fuses forward and backward. Without
+  one, plain ops (``_inference``).
 - ``chunked_attention``: memory-efficient on every device. Walks over query chunks, keeps only
   q, k, v and the per-row logsumexp of φ(scores), and recomputes each chunk's scores in the
   backward pass. Peak memory grows with chunk × N instead of N × N; the chunk is sized by a
@@ -159,43 +162,6 @@ def _modulated_probs(
     return torch.softmax(y if bias is None else y + bias, dim=-1)
 
 
-class _ModulatedSoftmax(torch.autograd.Function):
-    """probs = softmax(φ(s) + bias) over the last dim; saves s and the float32 probs."""
-
-    @staticmethod
-    def forward(ctx, s, bias, *params):
-        p = _modulated_probs(s, bias, params)
-        ctx.save_for_backward(s, p, *params)
-        ctx.bias_shape = None if bias is None else bias.shape
-        return p.to(s.dtype)
-
-    @staticmethod
-    def backward(ctx, grad):
-        s, p, *params = ctx.saved_tensors
-        g = _f32(grad)
-        dy = p * (g - (p * g).sum(-1, keepdim=True))  # through the softmax
-        ds, grads = modulate_backward(_f32(s), dy, _params32(tuple(params)))
-        dbias = dy.sum_to_size(ctx.bias_shape) if ctx.needs_input_grad[1] else None
-        return (ds.to(s.dtype), dbias, *_param_grads(grads, tuple(params)))
-
-
-def modulated_softmax(
-    scores: torch.Tensor, modulation: ScoreModulation, bias: Optional[torch.Tensor] = None
-) -> torch.Tensor:
-    """softmax(φ(scores·f) + bias·f) over the last dim (f = ``modulation.scale_factor``), in float32
-    with autocast off, returned in the scores' dtype. ``bias``: float additive mask."""
-    factor = modulation.scale_factor
-    with torch.autocast(scores.device.type, enabled=False):
-        if factor != 1.0:
-            scores = scores * factor
-            bias = None if bias is None else bias * factor
-        inputs = (scores, bias, *modulation.params)
-        if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in inputs):
-            return _ModulatedSoftmax.apply(*inputs)
-        # no gradient needed: plain ops (and no autograd.Function for torch.compile to trace)
-        return _modulated_probs(scores, bias, modulation.params).to(scores.dtype)
-
-
 def _matmul_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     """The dtype a @ b runs in: autocast's if it is on for their device, else their promotion."""
     if torch.is_autocast_enabled(a.device.type):
@@ -203,6 +169,11 @@ def _matmul_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
     return torch.promote_types(a.dtype, b.dtype)
 
 
+# What MultiMax training runs today (``auto`` on CUDA until flex's backward is proven, and on CPU).
+# Its rows: docs/PERFORMANCE.md's DeiT table, compiled train steps (1.042x / 1.026x softmax-SDPA on
+# the CPU). No row compares it with autograd through the reference normalizer (the explicit path
+# with ``fused_attn = False``), on any hardware: kept until the GPU table of scripts/gpu_check.sh
+# decides, which needs that row beside the compiled explicit one.
 class _ModulatedAttention(torch.autograd.Function):
     """out = softmax(φ(q·kᵀ·scale) + bias) @ v, with a hand-written backward.
 
@@ -278,6 +249,11 @@ def modulated_attention(
     return _inference(q, k, v, scale, bias, modulation.params)
 
 
+# Inference where flex is not used: on CPU, where it wins (docs/PERFORMANCE.md's flex-on-CPU table:
+# compiled DeiT-Ti inference 199 ms against flex's 254 ms; the DeiT table's compiled inference rows,
+# 1.034x / 1.010x softmax-SDPA, measure it too), and on CUDA without Triton. Plain ops rather than the
+# Function: nothing of autograd for torch.compile to trace. Whether flex beats it for CUDA inference,
+# as ``auto`` assumes: pending the GPU table of scripts/gpu_check.sh.
 def _inference(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
     """The products under the caller's autocast, as in the gradient path; φ + softmax in float32."""
     q_scale = _query_scale(_matmul_dtype(q, k), scale)
@@ -325,7 +301,10 @@ def chunk_rows(batch_heads: int, queries: int, keys: int, budget_bytes: int) -> 
 
 # Custom ops, not an autograd Function: torch.compile treats them as opaque, so it neither
 # breaks the graph at them nor merges the backward's recomputation with the forward (which
-# would bring back the saved N×N scores).
+# would bring back the saved N×N scores). Their row: docs/PERFORMANCE.md's peak attention memory
+# table, one DeiT-S layer at 1024 tokens: 64 MB against the explicit path's 1114 MB eager (0.058x)
+# and 316 MB compiled (0.203x). Memory is what they are for on every device (opt-in:
+# attn_backend=chunked); their GPU time: pending the GPU table of scripts/gpu_check.sh.
 
 @torch.library.custom_op("multimax::chunked_attention_fwd", mutates_args=())
 def _chunked_fwd(
@@ -443,6 +422,12 @@ def chunked_attention(
 
 # ----------------------------------------------------------------------------- flex path
 
+# flex serves CUDA: ``auto``'s MultiMax inference there, and training where proven (below). No GPU row
+# exists yet: kept until the GPU table of scripts/gpu_check.sh decides (its benchmark runs softmax-SDPA,
+# compiled explicit and flex side by side). On CPU it is slower (docs/PERFORMANCE.md's flex-on-CPU
+# table: compiled DeiT-Ti inference 254 ms against the explicit path's 199 ms), so ``auto`` never
+# picks it there; forced, it runs forward only.
+#
 # torch versions (major.minor) on which flex's backward with ``flex_score_mod`` is proven on a GPU:
 # scripts/gpu_check.sh passed there (flex forward and gradients equal the explicit path's in fp32
 # and bf16; DeiT-S train steps) and its benchmark measured the flex train step faster than the
@@ -528,6 +513,6 @@ def flex_attention_with(
 
 __all__ = [
     "FUSED_NORMALIZERS", "FLEX_TRAINING_PROVEN", "ScoreModulation", "modulate", "modulate_backward",
-    "modulated_softmax", "modulated_attention", "chunked_attention", "chunk_rows", "chunk_budget_bytes",
+    "modulated_attention", "chunked_attention", "chunk_rows", "chunk_budget_bytes",
     "flex_attention_with", "flex_available", "flex_score_mod", "flex_training_proven",
 ]

@@ -1,12 +1,7 @@
 """One door for weights: our checkpoints, checkpoints trained with the paper's code, and timm/DeiT ones.
 
-``read_checkpoint(path)`` loads a file without ever executing pickled code: ``.safetensors``,
-or ``torch.load(weights_only=True)`` with exactly one class allowed besides tensors and plain
-values, ``argparse.Namespace`` (DeiT's ``main.py``, which the paper's code uses, stores its
-``args`` in every checkpoint), allowed only for that load. Anything it cannot read raises
-``CheckpointReadError`` with a one-line reason.
-
-``load_weights(model, checkpoint)`` takes a path or an already loaded dict, finds the state dict
+``load_weights(model, checkpoint)`` takes a loaded checkpoint dict (files and URLs are read by
+``engine.checkpoint.load_checkpoint``, which never executes pickled code), finds the state dict
 (``model`` / ``state_dict``, with ``use_ema`` ``model_ema`` / ``state_dict_ema``, or the dict
 itself), maps its keys onto ours and loads it strictly, except for what is reported as
 deliberately dropped, resampled or left at init.
@@ -30,13 +25,9 @@ class-token checkpoint is refused with the timm architecture it belongs to.
 """
 from __future__ import annotations
 
-import argparse
-import os
-import pickle
 import re
-import zipfile
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Union
+from typing import Any, Dict, List, Mapping, Optional, Sequence
 
 import timm
 import torch
@@ -47,15 +38,6 @@ _PREFIXES = ("module.", "_orig_mod.")
 _PREFIX_TOKENS = ("cls_token", "dist_token", "reg_token")
 _PAPER_ATTN_KEY = re.compile(r"^(blocks\.\d+\.attn)\.(ranges|ts|t|b)$")
 _PAPER_NAMES = {"ranges": "ranges", "ts": "ts", "t": "scale", "b": "shift"}
-# The one non-tensor class checkpoints may hold: DeiT's main.py saves its argparse arguments.
-SAFE_GLOBALS = (argparse.Namespace,)
-_MAX_REASON = 160  # longer library messages are left out rather than cut mid-sentence
-
-
-class CheckpointReadError(ValueError):
-    """A checkpoint file cannot be read safely; the message is one line naming the file."""
-
-
 class CheckpointMismatchError(ValueError):
     """The checkpoint does not fit the model; the message lists the keys."""
 
@@ -86,73 +68,6 @@ class LoadResult:
 
 def _is_modulator(key: str) -> bool:
     return ".modulator." in key or key.startswith("out_modulator.")
-
-
-# ---------------------------------------------------------------- reading files
-
-def one_line_reason(e: BaseException) -> str:
-    """The library's own words, whole: its first line, else that line's first sentence when
-    the line is long, else only the exception type (never a sentence cut off)."""
-    lines = str(e).strip().splitlines()
-    text = lines[0].strip() if lines else ""
-    if len(text) > _MAX_REASON:
-        text = text.split(". ")[0].rstrip(".")
-    return f"{type(e).__name__}: {text}" if text and len(text) <= _MAX_REASON else type(e).__name__
-
-
-def _read_safetensors(path: str, map_location: Any) -> Dict[str, Any]:
-    from safetensors import SafetensorError, safe_open
-
-    device = str(map_location) if isinstance(map_location, (str, torch.device)) else "cpu"
-    try:
-        with safe_open(path, framework="pt", device=device) as f:
-            metadata = f.metadata() or {}
-            state_dict = {k: f.get_tensor(k) for k in f.keys()}
-    except (SafetensorError, OSError, ValueError) as e:
-        raise CheckpointReadError(f"{path} is truncated or not a safetensors file ({one_line_reason(e)})") from None
-    out: Dict[str, Any] = {"model": state_dict}
-    if "config" in metadata:
-        out["config"] = metadata["config"]
-    return out
-
-
-def read_checkpoint(path: Union[str, os.PathLike], map_location: Any = "cpu", mmap: bool = False) -> Dict[str, Any]:
-    """Load a ``.pth``/``.pt`` checkpoint with ``torch.load(weights_only=True)`` (plus
-    ``argparse.Namespace``, see the module doc), or a ``.safetensors`` file as
-    ``{"model": state_dict[, "config": metadata["config"]]}``. ``mmap`` maps tensors lazily.
-    Raises ``CheckpointReadError`` (one line naming the file): missing, a directory, truncated
-    or corrupt, not a dict, or holding pickled objects, which are never executed."""
-    path = os.fspath(path)
-    if not os.path.exists(path):
-        raise CheckpointReadError(f"checkpoint not found: {path}")
-    if os.path.isdir(path):
-        raise CheckpointReadError(f"checkpoint {path} is a directory, not a file")
-    if path.endswith(".safetensors"):
-        return _read_safetensors(path, map_location)
-    try:
-        with torch.serialization.safe_globals(list(SAFE_GLOBALS)):
-            obj = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except pickle.UnpicklingError as e:
-        refused = re.search(r"GLOBAL ([\w.]+)", str(e))
-        # a refused class/function means real pickled objects; an odd opcode means junk bytes
-        if refused or re.search(r"Unsupported (global|class)|unrecognized function|Can only build", str(e)):
-            what = f" ({refused.group(1)})" if refused else ""
-            raise CheckpointReadError(
-                f"{path} holds pickled Python objects{what} that loading would execute; refused (a checkpoint "
-                "may hold tensors, plain values and argparse.Namespace): re-save its weights from the program "
-                "that wrote it, e.g. torch.save({'model': model.state_dict()}, path)") from None
-        raise CheckpointReadError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
-    except RuntimeError as e:
-        if mmap and "mmap can only be used" in str(e):  # legacy (non-zip) format: read it whole
-            return read_checkpoint(path, map_location)
-        raise CheckpointReadError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
-    except OSError as e:
-        raise CheckpointReadError(f"cannot read checkpoint {path}: {e.strerror or one_line_reason(e)}") from None
-    except (EOFError, KeyError, ValueError, IndexError, TypeError, AttributeError, zipfile.BadZipFile) as e:
-        raise CheckpointReadError(f"{path} is truncated or not a PyTorch checkpoint ({one_line_reason(e)})") from None
-    if not isinstance(obj, dict):
-        raise CheckpointReadError(f"{path} holds a {type(obj).__name__}, not a checkpoint dict")
-    return obj
 
 
 # ---------------------------------------------------------------- state dicts
@@ -338,19 +253,14 @@ def _token_mismatch(sd: Mapping[str, torch.Tensor], target: Mapping[str, torch.T
             f"{class_token_architecture(sd)}")
 
 
-def load_weights(
-    model: nn.Module,
-    checkpoint: Union[str, os.PathLike, Mapping[str, Any]],
-    use_ema: bool = False,
-    strict: bool = False,
-) -> LoadResult:
-    """Load ``checkpoint`` (a path or a loaded dict) into ``model``; raise
+def load_weights(model: nn.Module, checkpoint: Mapping[str, Any], use_ema: bool = False,
+                 strict: bool = False) -> LoadResult:
+    """Load ``checkpoint`` (a loaded checkpoint dict or a bare state dict) into ``model``; raise
     ``CheckpointMismatchError`` naming the missing, unexpected and mis-shaped keys if it does not
     fit. ``strict``: nothing may be dropped or left at init (evaluation; see the module doc)."""
-    ckpt = read_checkpoint(checkpoint) if isinstance(checkpoint, (str, os.PathLike)) else checkpoint
-    if not isinstance(ckpt, Mapping):
-        raise CheckpointMismatchError(f"a checkpoint must be a dict, got {type(ckpt).__name__}")
-    raw = strip_prefixes(extract_state_dict(ckpt, use_ema))
+    if not isinstance(checkpoint, Mapping):
+        raise CheckpointMismatchError(f"a checkpoint must be a dict, got {type(checkpoint).__name__}")
+    raw = strip_prefixes(extract_state_dict(checkpoint, use_ema))
     target = model.state_dict()
     if strict:
         reason = _token_mismatch(raw, target)
@@ -417,7 +327,6 @@ def infer_model_kwargs(checkpoint: Mapping[str, Any], use_ema: bool = False) -> 
     return kwargs
 
 
-__all__ = ["one_line_reason", "CheckpointReadError", "CheckpointMismatchError", "LoadResult", "SAFE_GLOBALS",
-           "read_checkpoint", "load_weights", "extract_state_dict", "strip_prefixes", "detect_source", "from_paper",
+__all__ = ["CheckpointMismatchError", "LoadResult", "load_weights", "extract_state_dict", "strip_prefixes", "detect_source", "from_paper",
            "convert_state_dict", "in_our_names",
            "class_token_architecture", "infer_model_kwargs"]

@@ -43,10 +43,10 @@ from PIL import Image  # noqa: E402
 import models  # noqa: E402
 from engine.config import Config  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.figure_inputs import (  # noqa: E402
+from scripts._figure_inputs import (  # noqa: E402
     attention_kind, dataset_images, load_model, preprocess, read_image, short_path,
 )
-from engine.plots import figure_script_main, save_figure  # noqa: E402
+from scripts._figures import figure_script_main, save_figure  # noqa: E402
 
 # ---------------------------------------------------------------- math
 

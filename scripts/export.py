@@ -35,9 +35,8 @@ from timm.models._hub import generate_readme  # noqa: E402
 from data.datasets import normalization  # noqa: E402
 from engine.checkpoint import load_checkpoint  # noqa: E402
 from engine.config import Config, dump_config  # noqa: E402
-from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError  # noqa: E402
+from engine.errors import EXIT_OK, EXIT_USER_ERROR, UserError, one_line_reason  # noqa: E402
 from engine.evaluation import EvalSpec, checkpoint_model, stored_config  # noqa: E402
-from models.weights import one_line_reason  # noqa: E402
 
 
 def eval_line(result: Optional[Dict[str, Any]], ckpt: Dict[str, Any]) -> str:

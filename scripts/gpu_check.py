@@ -530,7 +530,7 @@ def _train(profile: Profile, out: str, data: str, name: str, *extra: str, force_
 
 
 def check_train_bf16(profile: Profile, out: str, data: str) -> str:
-    from engine.benchmarking import meta_model
+    from scripts._benchmarking import meta_model
 
     row = _train(profile, out, data, "train-bf16")
     train, model = row["config"]["train"], row["config"]["model"]

@@ -40,10 +40,10 @@ from matplotlib.backends.backend_agg import FigureCanvasAgg  # noqa: E402
 from matplotlib.figure import Figure  # noqa: E402
 
 from engine.errors import UserError  # noqa: E402
-from engine.figure_inputs import (  # noqa: E402
+from scripts._figure_inputs import (  # noqa: E402
     attention_kind, dataset_images, load_model, preprocess, read_image, short_path,
 )
-from engine.plots import check_figure_output, figure_script_main, save_figure  # noqa: E402
+from scripts._figures import check_figure_output, figure_script_main, save_figure  # noqa: E402
 
 # ---------------------------------------------------------------- Grad-CAM
 

@@ -19,9 +19,9 @@ from typing import Dict, List, Optional, Sequence, Tuple
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import UserError  # noqa: E402
-from engine.plots import (  # noqa: E402
-    figure_script_main, check_figure_output, check_finite, checkpoint_modulators, modulator_evolution_figure,
-    save_figure,
+from engine.plots import modulator_evolution_figure  # noqa: E402
+from scripts._figures import (  # noqa: E402
+    check_figure_output, check_finite, checkpoint_modulators, figure_script_main, save_figure,
 )
 from models.multimax import ModulatorParams  # noqa: E402
 

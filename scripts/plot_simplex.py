@@ -27,10 +27,10 @@ from matplotlib import colormaps  # noqa: E402
 import models  # noqa: E402
 from engine.attn_stats import multimodality, sparsity  # noqa: E402
 from engine.errors import UserError  # noqa: E402
-from engine.plots import (  # noqa: E402
-    figure_script_main, check_figure_output, check_finite,
-    SimplexSeries, checkpoint_modulators, modulator_curve, save_figure,
-    short_name, simplex_figure,
+from engine.plots import modulator_curve, short_name  # noqa: E402
+from scripts._figures import (  # noqa: E402
+    SimplexSeries, check_figure_output, check_finite, checkpoint_modulators, figure_script_main, save_figure,
+    simplex_figure,
 )
 from models.multimax import ModulatorParams  # noqa: E402
 

@@ -41,8 +41,8 @@ import yaml
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from engine.errors import EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError  # noqa: E402
-from engine.logger import (  # noqa: E402
-    EVAL_JSON, EVAL_LOG, MANIFEST, TRAIN_LOG, eval_is_current, read_call, read_jsonl)
+from engine.logger import read_jsonl  # noqa: E402
+from scripts._sweep_files import EVAL_JSON, EVAL_LOG, MANIFEST, TRAIN_LOG, eval_is_current, read_call  # noqa: E402
 
 _SEED_DIR = re.compile(r"^seed(\d+)$")
 # (column, log.jsonl key, best is the max?) of the accuracy metrics
@@ -438,7 +438,7 @@ def figures(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], out_d
 
 def _finish(ax, xlabel: str, ylabel: str, title: str, path: str) -> List[str]:
     """Label, grid and legend ``ax``, then save its figure to ``path``; returns the written paths."""
-    from engine.plots import save_figure
+    from scripts._figures import save_figure
 
     ax.set_xlabel(xlabel)
     ax.set_ylabel(ylabel)

@@ -63,8 +63,9 @@ sys.path.insert(0, REPO)
 
 from engine.config import CLI, load_config, parse_yaml  # noqa: E402
 from engine.errors import EXIT_OK, EXIT_RESUMABLE, EXIT_USER_ERROR, UserError  # noqa: E402
-from engine.logger import (  # noqa: E402
-    EVAL_JSON, EVAL_LOG, MANIFEST, TRAIN_LOG, call_end, call_start, eval_is_current, read_call, read_jsonl)
+from engine.logger import read_jsonl  # noqa: E402
+from scripts._sweep_files import (  # noqa: E402
+    EVAL_JSON, EVAL_LOG, MANIFEST, TRAIN_LOG, call_end, call_start, eval_is_current, read_call)
 
 EXIT_FAILED = 1
 TRAIN = os.path.join(REPO, "train.py")
@@ -587,11 +588,13 @@ def run_slurm(sweep: Sweep, runs: Sequence[Run], args: argparse.Namespace, say: 
     executors) wait for it and collect the outcomes, else report them as submitted."""
     import cloudpickle  # submitit's pickler
     import engine.logger
+    import scripts._sweep_files
 
-    # submitit pickles RunJob and this script's functions by value, but engine's by reference, and a
-    # job process need not find engine/ (its cwd is where the sweep was started): run_state's helpers
-    # from engine.logger go by value too
-    cloudpickle.register_pickle_by_value(engine.logger)
+    # submitit pickles RunJob and this script's functions by value, but imported modules' by
+    # reference, and a job process need not find the repository (its cwd is where the sweep was
+    # started): the modules of run_state's helpers go by value too
+    for module in (engine.logger, scripts._sweep_files):
+        cloudpickle.register_pickle_by_value(module)
     from submitit.core.utils import FailedJobError, FailedSubmissionError
 
     executor = slurm_executor(sweep, args, runs[0].nproc)

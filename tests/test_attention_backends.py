@@ -9,9 +9,7 @@ import torch
 import models  # noqa: F401  (registers the models)
 from models import record_attention
 from models.attention import MultiMaxAttention
-from models.attention_kernels import (
-    ScoreModulation, chunked_attention, flex_available, modulated_attention, modulated_softmax,
-)
+from models.attention_kernels import ScoreModulation, chunked_attention, flex_available, modulated_attention
 import models.attention_kernels as kernels
 from models.multimax import build_normalizer
 
@@ -153,10 +151,11 @@ def test_float16_scales_q_before_the_product():
     g = torch.Generator().manual_seed(0)
     q, k, v = (torch.randn(1, 2, 40, 64, generator=g) * s for s in (60, 60, 1))
     assert (q @ k.transpose(-2, -1)).abs().max() > 65504 > (q * 0.125 @ k.transpose(-2, -1)).abs().max()
-    mod = ScoreModulation.of(_normalizer())
+    norm = _normalizer()
+    mod = ScoreModulation.of(norm)
     q, k, v = (t.half().requires_grad_() for t in (q, k, v))
     out = modulated_attention(q, k, v, mod, 0.125)
-    ref = modulated_softmax((q * 0.125) @ k.transpose(-2, -1), mod) @ v  # timm's order
+    ref = _reference(q, k, v, norm, 0.125)  # timm's order
     assert out.dtype == torch.float16
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     # scores this large make the softmax one-hot, so the gradients are ill-conditioned: finite is the point
@@ -167,10 +166,11 @@ def test_float16_scales_q_before_the_product():
 
 def test_float16_gradients_with_q_scaled_first():
     """The float16 branch's backward (q scaled before the product) against autograd."""
-    mod = ScoreModulation.of(_normalizer())
+    norm = _normalizer()
+    mod = ScoreModulation.of(norm)
     q, k, v = (t.detach().half().requires_grad_() for t in _qkv(d=64))
     out = modulated_attention(q, k, v, mod, 0.125)
-    ref = modulated_softmax((q * 0.125) @ k.transpose(-2, -1), mod) @ v
+    ref = _reference(q, k, v, norm, 0.125)
     torch.testing.assert_close(out, ref, rtol=2e-3, atol=2e-3)
     for label, a, b in zip("q k v ranges ts".split(), _grads(out, [q, k, v, *mod.params]), _grads(ref, [q, k, v, *mod.params])):
         assert (a.float() - b.float()).norm() <= 0.01 * b.float().norm(), label
@@ -238,8 +238,7 @@ def test_kernels_match_autograd_reference(order, affine):
     ref = _reference(q, k, v, norm, 0.25, bias)
     g_ref = _grads(ref, [q, k, v, *params])
     mod = ScoreModulation.of(norm)
-    outs = {"explicit": modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod, bias) @ v,
-            "modulated_attention": modulated_attention(q, k, v, mod, 0.25, bias),
+    outs = {"modulated_attention": modulated_attention(q, k, v, mod, 0.25, bias),
             "chunked": chunked_attention(q, k, v, mod, 0.25, bias, chunk_size=16)}  # 4 chunks, last one short
     for name, out in outs.items():
         torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6, msg=name)
@@ -256,14 +255,10 @@ def test_gradcheck_float64():
     def chunked(q, k, v, *p):
         return chunked_attention(q, k, v, ScoreModulation(p), 0.5, bias, chunk_size=4)
 
-    def explicit(q, k, v, bias, *p):  # a learnable additive bias gets its gradient too
-        return modulated_softmax((q * 0.5) @ k.transpose(-2, -1), ScoreModulation(p), bias) @ v
-
-    def attention(q, k, v, bias, *p):  # the whole-attention Function of the training path
-        return modulated_attention(q, k, v, ScoreModulation(p), 0.5, bias)
+    def attention(q, k, v, bias, *p):  # the whole-attention Function of the training path; a learnable
+        return modulated_attention(q, k, v, ScoreModulation(p), 0.5, bias)  # additive bias gets its gradient too
 
     assert torch.autograd.gradcheck(chunked, (q, k, v, *params))
-    assert torch.autograd.gradcheck(explicit, (q, k, v, bias.clone().requires_grad_(), *params))
     assert torch.autograd.gradcheck(attention, (q, k, v, bias.clone().requires_grad_(), *params))
 
 
@@ -276,7 +271,7 @@ def test_modulated_attention_under_autocast():
     mod = ScoreModulation.of(norm)
     with torch.autocast("cpu", dtype=torch.bfloat16):
         out = modulated_attention(q, k, v, mod, 0.25)
-        ref = modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v
+        ref = _reference(q, k, v, norm, 0.25)
     assert out.dtype == ref.dtype == torch.bfloat16
     torch.testing.assert_close(out, ref, rtol=2e-2, atol=2e-2)
     grads, ref_grads = _grads(out.float(), [q, k, v, *params]), _grads(ref.float(), [q, k, v, *params])
@@ -327,7 +322,7 @@ def test_softmax_temperature_kernels_match_sdpa():
     ref = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.25 / 0.7)
     mod = ScoreModulation.of(norm)
     torch.testing.assert_close(chunked_attention(q, k, v, mod, 0.25, chunk_size=16), ref, rtol=1e-5, atol=1e-6)
-    torch.testing.assert_close(modulated_softmax((q * 0.25) @ k.transpose(-2, -1), mod) @ v, ref, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(_reference(q, k, v, norm, 0.25), ref, rtol=1e-5, atol=1e-6)  # the explicit path
     with torch.no_grad():
         torch.testing.assert_close(modulated_attention(q, k, v, mod, 0.25), ref, rtol=1e-5, atol=1e-6)
 

@@ -11,8 +11,9 @@ import torch
 
 import models
 from engine.errors import UserError
-from engine.plots import barycentric_xy, modulator_curve, modulator_figure
+from engine.plots import modulator_curve, modulator_figure
 from models.multimax import ModulatorParams, modulator_params, modulators_from_state_dict
+from scripts._figures import barycentric_xy
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"

@@ -8,7 +8,7 @@ import torch.nn.functional as F
 import models  # noqa: F401  (registers the micro models with timm)
 from engine.config import OptimConfig, TrainConfig
 from engine.distributed import DistInfo
-from engine.loop import LoopOptions, Trainer, TrainState, build_criterion, grad_norm_
+from engine.loop import Trainer, TrainState, build_criterion, grad_norm_
 from engine.optim import build_optimizer, clip_groups
 from models.multimax import modulators
 
@@ -77,13 +77,14 @@ def _old_grad_norm(groups, clip):
     return torch.linalg.vector_norm(torch.stack(torch._foreach_norm(grads)))
 
 
-def _train(monkeypatch, opts, reference):
+def _train(monkeypatch, train, reference):
     if reference:
         monkeypatch.setattr("engine.loop.grad_norm_", _old_grad_norm)
     model = _micro()
     optimizer = build_optimizer(model, OptimConfig(), lr=1e-3)
     info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
-    trainer = Trainer(model, optimizer, build_criterion(False, 0.1), lambda step: 1e-3, TrainState(), info, opts)
+    trainer = Trainer(model=model, optimizer=optimizer, criterion=build_criterion(False, 0.1),
+                      lr_schedule=lambda step: 1e-3, state=TrainState(), info=info, train=train, optim=OptimConfig())
     g = torch.Generator().manual_seed(2)
     batches = [(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g)) for _ in range(6)]
     result = trainer.train_one_epoch(batches, epoch=0)
@@ -92,10 +93,10 @@ def _train(monkeypatch, opts, reference):
 
 
 def test_without_clip_grad_training_is_bit_identical_to_the_unchanged_norm(monkeypatch):
-    opts = LoopOptions(TrainConfig(log_every=3))
-    trainer, result = _train(monkeypatch, opts, reference=False)
+    train = TrainConfig(log_every=3)
+    trainer, result = _train(monkeypatch, train, reference=False)
     assert [[id(p) for p in g] for g in trainer.grad_groups] == [[id(p) for p in trainer.model.parameters()]]
-    ref_trainer, ref_result = _train(monkeypatch, opts, reference=True)
+    ref_trainer, ref_result = _train(monkeypatch, train, reference=True)
     assert result.stats["grad_norm"] == ref_result.stats["grad_norm"]
     assert result.stats["train_loss"] == ref_result.stats["train_loss"]
     for a, b in zip(trainer.model.state_dict().values(), ref_trainer.model.state_dict().values()):
@@ -124,8 +125,9 @@ def test_the_trainer_clips_each_group_before_the_update(monkeypatch):
     monkeypatch.setattr(torch.optim.AdamW, "step", step)
     info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
     clip = 1e-3
-    trainer = Trainer(model, optimizer, build_criterion(False, 0.1), lambda s: 1e-3, TrainState(), info,
-                      LoopOptions(TrainConfig(log_every=2), OptimConfig(clip_grad=clip)))
+    trainer = Trainer(model=model, optimizer=optimizer, criterion=build_criterion(False, 0.1),
+                      lr_schedule=lambda s: 1e-3, state=TrainState(), info=info, train=TrainConfig(log_every=2),
+                      optim=OptimConfig(clip_grad=clip))
     g = torch.Generator().manual_seed(2)
     trainer.train_one_epoch([(torch.randn(8, 1, 28, 28, generator=g), torch.randint(0, 10, (8,), generator=g))
                              for _ in range(2)], epoch=0)

@@ -7,6 +7,7 @@ import torch
 import torch.nn.functional as F
 
 import models
+from engine.checkpoint import load_checkpoint
 from models import CheckpointMismatchError, load_weights
 from models.multimax import NORMALIZERS
 
@@ -217,7 +218,7 @@ def test_load_paper_code_checkpoint_reproduces_logits(tmp_path):
     path = tmp_path / "paper.pth"
     torch.save({"model": sd, "optimizer": {}, "epoch": 299, "args": "ignored"}, path)
     model = _tiny().eval()
-    result = load_weights(model, path)
+    result = load_weights(model, load_checkpoint(path))
     assert result.source == "paper" and not result.reset
     x = torch.randn(2, 3, 32, 32)
     with torch.no_grad():
@@ -262,7 +263,7 @@ def test_load_our_checkpoint_reproduces_logits(tmp_path):
     src = _tiny(modulator_order=3).eval()
     torch.save({"model": src.state_dict(), "format_version": 1}, tmp_path / "ours.pth")
     dst = _tiny(modulator_order=3).eval()
-    assert load_weights(dst, tmp_path / "ours.pth").source == "ours"
+    assert load_weights(dst, load_checkpoint(tmp_path / "ours.pth")).source == "ours"
     x = torch.randn(2, 3, 32, 32)
     torch.testing.assert_close(dst(x), src(x))
 

@@ -9,7 +9,7 @@ import sys
 import pytest
 import yaml
 
-from engine.logger import call_end, call_start
+from scripts._sweep_files import call_end, call_start
 from helpers import ROOT
 
 

@@ -277,20 +277,16 @@ def test_help_is_useful_and_bare_train_py_is_the_quickstart(tmp_path, monkeypatc
 
 # ------------------------------------------------------------------ the training step
 
-def test_loop_options_read_the_config_keys_themselves():
-    """The loop's options are the run config's train.* and optim.* keys, read by name (declared,
-    with default and check, once in engine/config.py)."""
-    from engine.loop import LoopOptions
+def test_epoch_steps_are_read_off_the_train_keys():
+    """An epoch's optimizer steps: train.accum_steps batches each, at most train.max_steps_per_epoch."""
+    from engine.loop import epoch_steps
 
-    opts = LoopOptions.from_config(load_config(None, ["train.log_every=7", "train.accum_steps=2", "optim.clip_grad=0.5",
-                                                      "train.max_steps_per_epoch=3"]))
-    assert (opts.log_every, opts.accum_steps, opts.clip_grad, opts.amp) == (7, 2, 0.5, "none")
-    assert opts.steps_per_epoch(10) == 3 and LoopOptions().steps_per_epoch(10) == 10
-    with pytest.raises(AttributeError, match="no 'log_evry'"):
-        opts.log_evry
+    cfg = load_config(None, ["train.accum_steps=2", "train.max_steps_per_epoch=3"])
+    assert epoch_steps(cfg.train, 10) == 3 and epoch_steps(cfg.train, 5) == 2
+    assert epoch_steps(TrainConfig(), 10) == 10
 
 
-def _tiny_trainer(opts, amp_scaler=None, for_loop_adamw=False, ema_decay=0.9, criterion=None):
+def _tiny_trainer(train, optim=None, amp_scaler=None, for_loop_adamw=False, ema_decay=0.9, criterion=None):
     from engine.distributed import DistInfo
     from engine.loop import Trainer, TrainState, build_criterion
     from engine.model import EMA
@@ -302,8 +298,9 @@ def _tiny_trainer(opts, amp_scaler=None, for_loop_adamw=False, ema_decay=0.9, cr
                  else build_optimizer(model, OptimConfig(), lr=1e-3))
     info = DistInfo(0, 1, 0, torch.device("cpu"), True, "none", False)
     ema = EMA(model, ema_decay) if ema_decay else None
-    return Trainer(model, optimizer, criterion or build_criterion(False, 0.1), lambda step: 1e-3, TrainState(),
-                   info, opts, scaler=amp_scaler, ema=ema)
+    return Trainer(model=model, optimizer=optimizer, criterion=criterion or build_criterion(False, 0.1),
+                   lr_schedule=lambda step: 1e-3, state=TrainState(), info=info, train=train,
+                   optim=optim or OptimConfig(), scaler=amp_scaler, ema=ema)
 
 
 def _batches(n, batch=4):
@@ -337,14 +334,13 @@ def test_a_training_step_reads_nothing_back_between_log_steps(monkeypatch, varia
     host is the ranks' stop votes, which the device copies to host memory after the step's
     all-reduce; the host takes them one step late (on a GPU it waits for the previous step's
     event, never for the step being run)."""
-    from engine.loop import LoopOptions, _Votes
+    from engine.loop import _Votes
 
     accum = 2 if variant == "accum-clip-ema" else 1
     amp = "fp16" if variant == "fp16-scaler" else "none"
-    opts = LoopOptions(TrainConfig(log_every=4, accum_steps=accum, amp=amp),
-                       OptimConfig(clip_grad=1.0 if accum == 2 else None))
     scaler = torch.amp.GradScaler("cpu") if variant == "fp16-scaler" else None
-    trainer = _tiny_trainer(opts, scaler, ema_decay=0.9 if accum == 2 else 0)
+    trainer = _tiny_trainer(TrainConfig(log_every=4, accum_steps=accum, amp=amp),
+                            OptimConfig(clip_grad=1.0 if accum == 2 else None), scaler, ema_decay=0.9 if accum == 2 else 0)
     exchanges, real_exchange = [], _Votes.exchange
 
     def exchange(self, votes):
@@ -365,9 +361,7 @@ def test_unfused_adamw_is_the_documented_exception_that_reads_every_step(monkeyp
     """The control that shows the counter sees syncs: an AdamW without the fused kernel (torch's
     for-loop here; parameters on a device torch has no fused kernel for) cannot skip a step on the
     device, so the loop reads the step's flag back each step."""
-    from engine.loop import LoopOptions
-
-    trainer = _tiny_trainer(LoopOptions(TrainConfig(log_every=4)), for_loop_adamw=True, ema_decay=0)
+    trainer = _tiny_trainer(TrainConfig(log_every=4), for_loop_adamw=True, ema_decay=0)
     seen = _count_host_syncs(monkeypatch, trainer)
     trainer.train_one_epoch(_batches(8), epoch=0)
     monkeypatch.undo()
@@ -377,10 +371,10 @@ def test_unfused_adamw_is_the_documented_exception_that_reads_every_step(monkeyp
 def test_fp16_overflow_is_a_skipped_step_and_a_nan_loss_still_stops():
     """A GradScaler overflow (forced: a scale of 2**127 overflows float32) skips the step, lowers the
     scale and counts as skipped; training goes on under train.nonfinite=stop. A NaN loss still stops."""
-    from engine.loop import LoopOptions, NonFiniteLossError, build_criterion
+    from engine.loop import NonFiniteLossError, build_criterion
 
     scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 127, backoff_factor=2.0 ** -117)
-    trainer = _tiny_trainer(LoopOptions(TrainConfig(log_every=1, amp="fp16", nonfinite="stop")), scaler)
+    trainer = _tiny_trainer(TrainConfig(log_every=1, amp="fp16", nonfinite="stop"), amp_scaler=scaler)
     before = [p.detach().clone() for p in trainer.model.parameters()]
     result = trainer.train_one_epoch(_batches(4), epoch=0)
     assert result.stats["skipped_steps"] == 1 and scaler.get_scale() <= 2.0 ** 10
@@ -397,15 +391,15 @@ def test_fp16_overflow_is_a_skipped_step_and_a_nan_loss_still_stops():
         loss = plain(logits, target)
         return loss * float("nan") if len(calls) == 3 else loss
 
-    trainer = _tiny_trainer(LoopOptions(TrainConfig(log_every=1, amp="fp16", nonfinite="stop")),
-                            torch.amp.GradScaler("cpu"), criterion=nan_on_third)
+    trainer = _tiny_trainer(TrainConfig(log_every=1, amp="fp16", nonfinite="stop"),
+                            amp_scaler=torch.amp.GradScaler("cpu"), criterion=nan_on_third)
     with pytest.raises(NonFiniteLossError, match="epoch 0, step 3"):
         trainer.train_one_epoch(_batches(6), epoch=0)
     assert trainer.state.step == 3
 
 
 def test_nonfinite_skip_leaves_weights_and_ema_untouched_and_gives_up_after_a_run_of_skips():
-    from engine.loop import LoopOptions, NonFiniteLossError, build_criterion
+    from engine.loop import NonFiniteLossError, build_criterion
 
     plain, calls = build_criterion(False, 0.1), []
 
@@ -413,7 +407,7 @@ def test_nonfinite_skip_leaves_weights_and_ema_untouched_and_gives_up_after_a_ru
         calls.append(1)
         return plain(logits, target) * (float("nan") if len(calls) >= 3 else 1.0)
 
-    trainer = _tiny_trainer(LoopOptions(TrainConfig(log_every=1, nonfinite="skip", max_consecutive_skips=3)),
+    trainer = _tiny_trainer(TrainConfig(log_every=1, nonfinite="skip", max_consecutive_skips=3),
                             criterion=nan_from_third)
     batches = _batches(8)
     trainer.train_one_epoch(batches[:2], epoch=0)

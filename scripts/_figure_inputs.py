@@ -1,6 +1,6 @@
-"""What the figure scripts that run a checkpoint on images share (scripts/attention_maps.py,
-scripts/gradcam.py): the model as eval.py loads it, an image from a file or from the configured
-val split, and that image as the model sees it and as a person does.
+"""What the figure scripts that run a checkpoint on images share (attention_maps.py, gradcam.py):
+the model as eval.py loads it, an image from a file or from the configured val split, and that
+image as the model sees it and as a person does.
 
     model, cfg, classes = load_model("runs/x/last.pth", None, use_ema=False)
     sample = dataset_images(cfg, [0])[0]             # or read_image("cat.jpg")
@@ -19,10 +19,10 @@ from data.datasets import create_dataset, normalization, take_subset
 from data.transforms import eval_transform
 from models.recording import attention_layers
 
-from .checkpoint import load_checkpoint
-from .config import Config
-from .errors import UserError
-from .evaluation import EvalSpec, checkpoint_model
+from engine.checkpoint import load_checkpoint
+from engine.config import Config
+from engine.errors import UserError
+from engine.evaluation import EvalSpec, checkpoint_model
 
 
 def load_model(path: str, model_name: Optional[str], use_ema: bool,
