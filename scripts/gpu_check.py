@@ -82,7 +82,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from engine.errors import EXIT_USER_ERROR  # noqa: E402  (imports nothing else)
+from engine.errors import EXIT_USER_ERROR, one_line_reason  # noqa: E402  (imports nothing else)
 
 INSTALL = ("install what is missing with `python3 -m pip install -r requirements.txt`; without internet, put the "
            "wheels in .whl/ (or $WHEEL_DIR) and run scripts/gpu_check.sh again, which installs them first")
@@ -194,7 +194,6 @@ def cuda_unusable_reason() -> str:
     """Why torch cannot use the GPU this machine has, in one line."""
     if torch.version.cuda is None:
         return f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None): install a CUDA build"
-    from models.weights import one_line_reason
 
     try:
         torch.cuda.init()  # raises with the driver's own words: too old for this CUDA, not loaded, ...
@@ -285,7 +284,6 @@ def check_toolchain(device_type: str) -> str:
 
 def check_compile_smoke(device: torch.device) -> None:
     """torch.compile on a one-line function: Triton, its launcher build and the driver together."""
-    from models.weights import one_line_reason
 
     def f(x):
         return torch.sin(x) * 2 + 1
@@ -674,7 +672,6 @@ def bench_speeds(json_path: str) -> Dict[str, float]:
 
 def check_child(profile: Profile, out: str, name: str) -> int:
     """One check in this process (a child of ``run_checks``): its outcome into ``<out>/<name>.result.json``."""
-    from models.weights import one_line_reason
 
     data = os.path.join(out, "images")
     checks: Dict[str, Callable[[], str]] = {
