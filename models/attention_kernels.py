@@ -170,10 +170,10 @@ def _matmul_dtype(a: torch.Tensor, b: torch.Tensor) -> torch.dtype:
 
 
 # What MultiMax training runs today (``auto`` on CUDA until flex's backward is proven, and on CPU).
-# Its rows: docs/PERFORMANCE.md's DeiT table, compiled train steps (1.042x / 1.026x softmax-SDPA on
-# the CPU). No row compares it with autograd through the reference normalizer (the explicit path
-# with ``fused_attn = False``), on any hardware: kept until the GPU table of scripts/gpu_check.sh
-# decides, which needs that row beside the compiled explicit one.
+# Its rows: docs/PERFORMANCE.md's DeiT table, the "explicit" train rows against the "reference"
+# ones (autograd through the reference normalizer, ``fused_attn = False``) that
+# ``benchmark.py --preset deit`` times beside them; on a GPU, the same two rows of
+# scripts/gpu_check.sh's benchmark table decide whether it stays there.
 class _ModulatedAttention(torch.autograd.Function):
     """out = softmax(φ(q·kᵀ·scale) + bias) @ v, with a hand-written backward.
 

@@ -6,7 +6,7 @@
         --compile off on --mode train infer --batch-size 8 --out-json bench.json --out-md bench.md
     # the DeiT table of docs/PERFORMANCE.md
     python scripts/benchmark.py --preset deit --out-json deit.json --out-md deit.md
-    # on a GPU: softmax-SDPA, MultiMax explicit and MultiMax flex train steps side by side (bf16)
+    # on a GPU: softmax-SDPA, MultiMax explicit, flex and reference train steps side by side (bf16)
     python scripts/benchmark.py --preset deit --device cuda --sizes small --mode train --compile on
 
 (scripts/benchmark_memory.py measures the peak memory of one attention layer.)
@@ -72,6 +72,7 @@ class Variant:
     img_size: Optional[int] = None
     attn_normalizer: Optional[str] = None
     out_normalizer: Optional[str] = None
+    fused: bool = True  # False: every attention's fused_attn off, autograd through the reference normalizer
 
     def model_kwargs(self) -> Dict[str, object]:
         kw: Dict[str, object] = {"attn_backend": self.backend}
@@ -131,8 +132,10 @@ def build_step(v: Variant, device: torch.device, compile_mode: Optional[str]) ->
         raise UserError(f"cannot build {v.model} with {v.model_kwargs()}: {e}") from None
     attn = model.blocks[0].attn
     model.train(v.mode == "train")
+    for block in model.blocks:
+        block.attn.fused_attn = v.fused
     with torch.set_grad_enabled(v.mode == "train"):  # auto's choice depends on it
-        kernel = attn.kernel(device)
+        kernel = attn.kernel(device) if v.fused else "reference"
     result = Result(
         variant=v, group="", arch=_arch(model), attn=model.attn_normalizer, out=model.out_normalizer,
         kernel=kernel, tokens=model.patch_embed.num_patches,
@@ -223,15 +226,22 @@ def deit_groups(batch: int, dtypes: Sequence[str], compiles: Sequence[bool], mod
                 sizes: Sequence[str] = ("tiny", "small"),
                 device: torch.device = torch.device("cpu")) -> Dict[str, List[Variant]]:
     """MultiMax vs the softmax-SDPA GAP baseline, one group per (size, mode, dtype), eager and
-    compiled alternated within the group. On CUDA MultiMax runs twice, with the explicit path
-    and with flex (CPU: ``auto``, i.e. explicit, as flex has no CPU backward)."""
+    compiled alternated within the group. On CUDA MultiMax runs with the explicit path and with
+    flex (CPU: ``auto``, i.e. explicit, as flex has no CPU backward). Train groups add MultiMax
+    through the reference normalizer under autograd (kernel ``reference``: ``fused_attn`` off),
+    the simpler path the explicit one's hand-written backward has to beat."""
     multimax = ["explicit", "flex"] if device.type == "cuda" else ["auto"]
     groups = {}
     for size, mode, dtype in itertools.product(sizes, modes, dtypes):
         arch, suffix = DEIT_SIZES[size]
+        mm = f"{arch}_multimax_{suffix}"
         groups[f"{arch}-{mode}-{dtype}"] = [
-            Variant(f"{arch}_{kind}_{suffix}", mode=mode, backend=backend, compile=c, dtype=dtype, batch_size=batch)
-            for c in compiles for kind, backend in [("gap", "auto"), *(("multimax", b) for b in multimax)]
+            v for c in compiles for v in [
+                Variant(f"{arch}_gap_{suffix}", mode=mode, compile=c, dtype=dtype, batch_size=batch),
+                *(Variant(mm, mode=mode, backend=b, compile=c, dtype=dtype, batch_size=batch) for b in multimax),
+                *([Variant(mm, mode=mode, backend="explicit", compile=c, dtype=dtype, batch_size=batch, fused=False)]
+                  if mode == "train" else []),
+            ]
         ]
     return groups
 

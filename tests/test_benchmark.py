@@ -82,12 +82,16 @@ def test_deit_preset_puts_flex_next_to_compiled_explicit_on_cuda():
     groups = bench.deit_groups(128, ["bf16"], [False, True], ["train"], sizes=["small"], device=torch.device("cuda"))
     (name, variants), = groups.items()
     assert name == "deit_small-train-bf16"
-    assert [(v.model.split("_")[2], v.backend, v.compile) for v in variants] == [
-        ("gap", "auto", False), ("multimax", "explicit", False), ("multimax", "flex", False),
-        ("gap", "auto", True), ("multimax", "explicit", True), ("multimax", "flex", True)]
+    assert [(v.model.split("_")[2], v.backend, v.compile, v.fused) for v in variants] == [
+        ("gap", "auto", False, True), ("multimax", "explicit", False, True), ("multimax", "flex", False, True),
+        ("multimax", "explicit", False, False),
+        ("gap", "auto", True, True), ("multimax", "explicit", True, True), ("multimax", "flex", True, True),
+        ("multimax", "explicit", True, False)]
     cpu = bench.deit_groups(8, ["fp32"], [True], ["train", "infer"], device=torch.device("cpu"))
     assert list(cpu) == ["deit_tiny-train-fp32", "deit_tiny-infer-fp32", "deit_small-train-fp32", "deit_small-infer-fp32"]
-    assert all([v.backend for v in vs] == ["auto", "auto"] for vs in cpu.values())
+    assert [(v.backend, v.fused) for v in cpu["deit_tiny-train-fp32"]] == [("auto", True), ("auto", True),
+                                                                            ("explicit", False)]
+    assert [(v.backend, v.fused) for v in cpu["deit_tiny-infer-fp32"]] == [("auto", True), ("auto", True)]
 
 
 def test_deit_preset_runs_on_the_micro_size(tmp_path):
@@ -99,7 +103,33 @@ def test_deit_preset_runs_on_the_micro_size(tmp_path):
     assert rc == 0
     rows = json.loads(out_json.read_text())["throughput"]
     assert [(r["attn"], r["kernel"], r["variant"]["dtype"]) for r in rows] == [
-        ("softmax", "sdpa", "fp32"), ("multimax", "explicit", "fp32")]
+        ("softmax", "sdpa", "fp32"), ("multimax", "explicit", "fp32"), ("multimax", "reference", "fp32")]
+    assert rows[2]["baseline"] == 0 and rows[2]["ratio"] > 0
+
+
+def test_the_reference_row_trains_through_the_reference_normalizer(monkeypatch):
+    """fused=False: no attention layer calls the explicit kernel (hand-written backward); the
+    attention normalizers run as modules under autograd and the step updates the weights."""
+    import models.attention as attention
+    bench = load_script("benchmark")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("the reference row ran the explicit kernel")
+    calls = []
+    monkeypatch.setattr(attention, "modulated_attention", refuse)
+    v = bench.Variant("vit_micro_multimax_patch7_28", backend="explicit", batch_size=2, fused=False)
+    step, result = bench.build_step(v, torch.device("cpu"), None)
+    assert result.kernel == "reference"
+    model = next(c.cell_contents for c in step.__closure__ if isinstance(c.cell_contents, torch.nn.Module))
+    for block in model.blocks:
+        block.attn.normalizer.register_forward_hook(lambda m, i, o: calls.append(m))
+    before = model.blocks[0].attn.qkv.weight.detach().clone()
+    step()
+    assert len(calls) == len(model.blocks)
+    assert not torch.equal(before, model.blocks[0].attn.qkv.weight)
+    fused = bench.Variant("vit_micro_multimax_patch7_28", backend="explicit", batch_size=2)
+    with pytest.raises(AssertionError, match="explicit kernel"):
+        bench.build_step(fused, torch.device("cpu"), None)[0]()
 
 
 def test_chunked_peak_memory_is_a_fraction_of_explicit():
