@@ -115,7 +115,7 @@ def train(cfg, info, stop: StopSignals) -> int:
     stop.defer()  # from here on a signal asks for a resumable checkpoint
     with RunLock(run_dir, info):
         prepare_run_dir(cfg, resume, info)
-        logger = RunLogger(run_dir, info.is_main, purge_step=state.step + 1)
+        logger = RunLogger(run_dir, info.is_main, cfg.train.tensorboard, purge_step=state.step + 1)
         checkpoints = CheckpointManager(run_dir, cfg.train.keep_top_k, metric="val_top1", mode="max",
                                         is_main=info.is_main)
         stop.watch(lambda: logger.failed() or checkpoints.failed())  # rank 0's failed write stops every rank

@@ -272,6 +272,7 @@ class TrainConfig:
     max_consecutive_skips: int = key(100, "stop after this many skipped steps in a row (any policy, fp16 "
                                           "overflows too)", check=AT_LEAST_1, resumable=True)
     tf32: bool = key(True, "CUDA float32 matmuls on TF32 tensor cores (Ampere+); CPU unaffected", resumable=True)
+    tensorboard: bool = key(True, "TensorBoard event files in <output_dir>/tensorboard", resumable=True)
     log_modulators: bool = key(True, "every modulator's parameters to TensorBoard after each epoch", resumable=True)
     plot_modulators: bool = key(False, "with log_modulators: a figure of their curves too", resumable=True)
     allow_config_change: bool = key(False, "resume a run whose config.yaml differs in keys that change results",

@@ -55,6 +55,13 @@ def test_two_epoch_run_writes_every_artifact(fake_fmnist, tmp_path):
     assert tb_scalars(out, "modulators/blocks.1.attn.normalizer.modulator/ranges[0]")
 
 
+def test_tensorboard_off_writes_no_event_files(fake_fmnist, tmp_path):
+    out = str(tmp_path / "run")
+    run_train(tiny_overrides(fake_fmnist, out, **{"train.epochs": 1, "train.tensorboard": "false"}))
+    assert not os.path.exists(os.path.join(out, "tensorboard"))
+    assert [r["epoch"] for r in read_jsonl(os.path.join(out, "log.jsonl"))] == [0]
+
+
 def test_resume_reproduces_uninterrupted_run(fake_fmnist, tmp_path):
     full, split = str(tmp_path / "full"), str(tmp_path / "split")
     extra = {"train.ema": "true", "train.ema_decay": 0.9, "model.drop_path_rate": 0.1}
