@@ -10,7 +10,10 @@ EMA), the attention's sparsity S and multi-modality M (overall and per layer, fr
 ``eval.json``, eval.py --attn-stats on the final checkpoint), the patch similarity per block
 (eval.py --patch-similarity there: the mean pairwise cosine similarity of the patch tokens, which
 grows with depth as the tokens over-smooth), and the training time. Runs that did not finish are
-listed with their state and left out of every average.
+listed with their state and left out of every average. Two more tables: how many runs ended at
+their best epoch (per metric), and the pairs of variants whose seeds do not overlap (every seed of
+one above every seed of the other) in final top-1 / top-5 / val loss, S, M and each block's patch
+similarity: the differences larger than the seed-to-seed spread.
 
 Writes to ``--out`` (default: the one directory given): ``report.md``, ``report.csv`` (one row
 per variant), ``runs.csv`` (one row per run), ``val_top1.png`` (val top-1 per epoch: mean and
@@ -256,6 +259,44 @@ def summarise(variants: Sequence[str], results: Sequence[RunResult]) -> List[Dic
     return table
 
 
+def final_is_best(values: Dict[str, Sequence[Tuple[float, float]]]) -> Dict[str, Tuple[int, int]]:
+    """Per metric, from its (final, best) pairs over the finished runs: (runs whose final epoch was
+    also the best, runs)."""
+    return {name: (sum(final == best for final, best in pairs), len(pairs)) for name, pairs in values.items()}
+
+
+def separated_pairs(values: Dict[str, Sequence[float]]) -> List[Tuple[str, str]]:
+    """(higher, lower) for every two variants whose seeds do not overlap: each value of ``higher``
+    above each of ``lower``. Variants with fewer than two values take no part (no spread)."""
+    spread = {v: (min(xs), max(xs)) for v, xs in values.items() if len(xs) > 1}
+    names = list(spread)
+    return [(a, b) if spread[a][0] > spread[b][1] else (b, a)
+            for i, a in enumerate(names) for b in names[i + 1:]
+            if spread[a][0] > spread[b][1] or spread[b][0] > spread[a][1]]
+
+
+# the columns compared by separated_pairs: final accuracy and loss, S and M
+SEPARATED = ("final_top1", "final_top5", "final_loss", "sparsity", "multimodality")
+
+
+def _finals_and_bests(variant: str, results: Sequence[RunResult]) -> Dict[str, List[Tuple[float, float]]]:
+    done = [r for r in results if r.variant == variant and r.finished]
+    return {name: [(r.values[f"final_{name}"], r.values[f"best_{name}"]) for r in done
+                   if f"final_{name}" in r.values] for name, _, _ in METRICS}
+
+
+def _seed_values(results: Sequence[RunResult], column: str) -> Dict[str, List[float]]:
+    """Per variant, the values of ``column`` (a ``values`` key or ``patch_similarity[<block>]``) of its
+    finished runs."""
+    out: Dict[str, List[float]] = {}
+    block = column[len("patch_similarity["):-1] if column.startswith("patch_similarity[") else None
+    for r in results:
+        value = r.values.get(column) if block is None else r.similarity.get(block)
+        if r.finished and value is not None:
+            out.setdefault(r.variant, []).append(value)
+    return out
+
+
 # ---------------------------------------------------------------- output
 
 _TITLES = {"top1": "top-1 (%)", "top5": "top-5 (%)", "loss": "val loss"}
@@ -322,6 +363,24 @@ def markdown(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], sour
         out.write("| " + " | ".join(head) + " |\n| " + " | ".join("---" for _ in head) + " |\n")
         for row in table:
             out.write("| " + " | ".join([row["variant"], *(fmt(row[f"{stat}[{l}]"], 4) for l in layers)]) + " |\n")
+    out.write("\n### Final epoch against best epoch\n\nFinished runs whose final epoch was also their best one, "
+              "per metric (the best val loss is the lowest).\n\n")
+    head = ["variant", *(_TITLES[m] for m, _, _ in METRICS)]
+    out.write("| " + " | ".join(head) + " |\n| " + " | ".join("---" for _ in head) + " |\n")
+    for row in table:
+        counts = final_is_best(_finals_and_bests(row["variant"], results))
+        out.write("| " + " | ".join([row["variant"], *(f"{counts[m][0]} of {counts[m][1]}" for m, _, _ in METRICS)])
+                  + " |\n")
+    out.write("\n### Differences beyond the seed spread\n\nPairs of variants whose finished seeds do not overlap: "
+              "every seed of the first above every seed of the second (min–max over seeds).\n\n")
+    out.write("| metric | higher | its seeds | lower | its seeds |\n| --- | --- | --- | --- | --- |\n")
+    compared = [c for c in SEPARATED if c in _columns(results)] + [f"patch_similarity[{b}]" for b in _blocks(results)]
+    for column in compared:
+        values, digits = _seed_values(results, column), _digits(column)
+        title = _title(column) if column in SEPARATED else f"patch similarity, {column[17:-1]}"
+        for hi, lo in separated_pairs(values):
+            ranges = [f"{min(values[v]):.{digits}f}–{max(values[v]):.{digits}f}" for v in (hi, lo)]
+            out.write(f"| {title} | {hi} | {ranges[0]} | {lo} | {ranges[1]} |\n")
     blocks = _blocks(results)
     if blocks:
         out.write("\n### Patch similarity per block\n\nThe mean pairwise cosine similarity of the patch tokens after "

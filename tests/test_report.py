@@ -213,3 +213,29 @@ def test_patch_similarity_is_tabled_per_variant_and_drawn_against_depth(sweep_di
     assert len(lines) == 1 and list(lines[0].get_xdata()) == [1, 2, 3]
     assert list(lines[0].get_ydata()) == pytest.approx([0.3, 0.5, 0.7])
     assert not [line for line in ax.get_lines() if line.get_label().startswith("b ")]
+
+
+def test_final_against_best_counts_the_runs_per_metric(sweep_dir, capsys):
+    assert report.final_is_best({"top1": [(1.0, 1.0), (2.0, 3.0)], "loss": [(0.5, 0.4)]}) == {"top1": (1, 2),
+                                                                                                "loss": (0, 1)}
+    assert report.main([str(sweep_dir)]) == 0
+    md = (sweep_dir / "report.md").read_text()
+    table = md.split("### Final epoch against best epoch")[1]
+    # a: top-1 peaks an epoch before the end in every seed; the loss ends at its lowest in seed 0 only
+    assert "| a | 0 of 3 | 0 of 3 | 1 of 3 |" in table and "| b | 1 of 1 | 1 of 1 | 1 of 1 |" in table
+
+
+def test_pairs_beyond_the_spread_are_those_whose_seeds_do_not_overlap(tmp_path, capsys):
+    values = {"low": [1.0, 2.0, 3.0], "high": [3.5, 4.0, 5.0], "mid": [2.5, 3.2, 3.6], "one": [10.0]}
+    assert report.separated_pairs(values) == [("high", "low")]  # mid overlaps both; one seed has no spread
+    assert report.separated_pairs({"a": [1.0, 2.0], "b": [2.0, 3.0]}) == []  # touching ranges overlap
+    out = tmp_path / "sweep"
+    for variant, top1s in {"x": (80.0, 81.0), "y": (85.0, 86.0), "z": (80.5, 85.5)}.items():
+        for seed, t in enumerate(top1s):
+            write_run(out / variant / f"seed{seed}", 2, top1=[t - 1, t], loss=[1.0, 1.0 - t / 1000])
+    assert report.main([str(out)]) == 0
+    rows = [line for line in (out / "report.md").read_text().split("### Differences beyond the seed spread")[1]
+            .splitlines() if line.startswith("| final")]
+    assert rows == ["| final top-1 (%) | y | 85.00–86.00 | x | 80.00–81.00 |",
+                    "| final top-5 (%) | y | 95.00–96.00 | x | 90.00–91.00 |",
+                    "| final val loss | x | 0.9190–0.9200 | y | 0.9140–0.9150 |"]
