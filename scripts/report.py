@@ -275,8 +275,19 @@ def separated_pairs(values: Dict[str, Sequence[float]]) -> List[Tuple[str, str]]
             if spread[a][0] > spread[b][1] or spread[b][0] > spread[a][1]]
 
 
-# the columns compared by separated_pairs: final accuracy and loss, S and M
+# the columns compared by separated_pairs: final accuracy and loss, S and M (and the patch similarities)
 SEPARATED = ("final_top1", "final_top5", "final_loss", "sparsity", "multimodality")
+
+
+def pair_rows(column: str, values: Dict[str, Sequence[float]]) -> List[str]:
+    """The report's table rows of ``column``'s separated pairs: metric, higher, its seeds' range, lower, its range."""
+    digits = _digits(column)
+    title = f"patch similarity, {column[17:-1]}" if column.startswith("patch_similarity[") else _title(column)
+    rows = []
+    for hi, lo in separated_pairs(values):
+        ranges = [f"{min(values[v]):.{digits}f}–{max(values[v]):.{digits}f}" for v in (hi, lo)]
+        rows.append(f"| {title} | {hi} | {ranges[0]} | {lo} | {ranges[1]} |")
+    return rows
 
 
 def _finals_and_bests(variant: str, results: Sequence[RunResult]) -> Dict[str, List[Tuple[float, float]]]:
@@ -376,11 +387,7 @@ def markdown(table: Sequence[Dict[str, Any]], results: Sequence[RunResult], sour
     out.write("| metric | higher | its seeds | lower | its seeds |\n| --- | --- | --- | --- | --- |\n")
     compared = [c for c in SEPARATED if c in _columns(results)] + [f"patch_similarity[{b}]" for b in _blocks(results)]
     for column in compared:
-        values, digits = _seed_values(results, column), _digits(column)
-        title = _title(column) if column in SEPARATED else f"patch similarity, {column[17:-1]}"
-        for hi, lo in separated_pairs(values):
-            ranges = [f"{min(values[v]):.{digits}f}–{max(values[v]):.{digits}f}" for v in (hi, lo)]
-            out.write(f"| {title} | {hi} | {ranges[0]} | {lo} | {ranges[1]} |\n")
+        out.writelines(row + "\n" for row in pair_rows(column, _seed_values(results, column)))
     blocks = _blocks(results)
     if blocks:
         out.write("\n### Patch similarity per block\n\nThe mean pairwise cosine similarity of the patch tokens after "
