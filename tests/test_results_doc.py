@@ -133,3 +133,24 @@ def test_a_wrong_number_in_the_doc_fails_these_checks(doc, runs):
     with pytest.raises(AssertionError):
         test_the_main_table_is_the_mean_and_spread_of_runs_csv(broken, runs)
     assert re.search(r"\d", body[0][1])
+
+
+def test_every_decimal_number_of_the_reading_is_computed_from_runs_csv_once(doc, runs):
+    """Each decimal number in the Reading is a mean, standard deviation, minimum or maximum over one
+    variant's seeds, or a difference of two variants' means, rounded once (to the report's digits or
+    to 2) from the per-run values: no number comes from rounding an already rounded one."""
+    import statistics
+
+    columns = [c for c in runs[0] if c not in ("variant", "seed", "state", "epochs_done", "epochs", "run_dir")]
+    allowed = set()
+    for column in columns:
+        per_variant = values(runs, column)
+        means = {v: statistics.fmean(xs) for v, xs in per_variant.items()}
+        numbers = [f(xs) for xs in per_variant.values() for f in (statistics.fmean, min, max)]
+        numbers += [statistics.stdev(xs) for xs in per_variant.values() if len(xs) > 1]
+        numbers += [abs(means[a] - means[b]) for a in means for b in means if a != b]
+        for digits in {report._digits(column), 2}:
+            allowed |= {f"{x:.{digits}f}" for x in numbers}
+    reading = doc.split("### Reading", 1)[1]
+    found = re.findall(r"(?<![\d.])\d+\.\d+(?![\d.]|-entmax)", reading)  # 1.5-entmax is a name
+    assert found and not [x for x in found if x not in allowed], [x for x in found if x not in allowed]
