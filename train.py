@@ -7,7 +7,7 @@
 
 Trailing key.sub=value arguments override the config. --print-config prints the full config a
 command line resolves to, each key with its meaning and allowed values (declared in
-engine/config.py: ModelConfig, DataConfig, OptimConfig, TrainConfig; README.md "Configs").
+engine/config.py: ModelConfig, DataConfig, OptimConfig, TrainConfig; docs/CONFIGURATION.md).
 
 The run directory is train.output_dir. Rerunning the same command resumes from its last.pth;
 a finished run says so and changes nothing; train.resume=none starts over (the previous run's

@@ -45,7 +45,7 @@ from .errors import UserError
 RETIRED_KEYS = {
     "optim.impl": "AdamW runs fused wherever torch has the kernel for the parameters (CPU and CUDA)",
     "train.cpu_malloc": "glibc's malloc reads its settings from the environment: MALLOC_TRIM_THRESHOLD_, "
-                        "MALLOC_MMAP_THRESHOLD_ (docs/PERFORMANCE.md)",
+                        "MALLOC_MMAP_THRESHOLD_",
 }
 
 

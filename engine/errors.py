@@ -31,7 +31,7 @@ def write_error(path: str, e: OSError) -> UserError:
                      "what it held before is left intact")
 
 
-# Exit codes of the entry scripts, for launchers and requeue logic (documented in README.md).
+# Exit codes of the entry scripts, for launchers and requeue logic (documented in docs/STOPPING.md).
 EXIT_OK = 0             # finished (train.py: every epoch done; eval.py: every checkpoint evaluated)
 EXIT_USER_ERROR = 2     # a UserError: bad config, path or checkpoint, a failed write; nothing was lost
 EXIT_NONFINITE = 3      # train.py: non-finite loss/gradients under train.nonfinite=stop; eval.py: a

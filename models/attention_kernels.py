@@ -249,9 +249,9 @@ def modulated_attention(
     return _inference(q, k, v, scale, bias, modulation.params)
 
 
-# Inference where flex is not used: on CPU, where it wins (docs/PERFORMANCE.md's flex-on-CPU table:
-# compiled DeiT-Ti inference 199 ms against flex's 254 ms; the DeiT table's compiled inference rows,
-# 1.034x / 1.010x softmax-SDPA, measure it too), and on CUDA without Triton. Plain ops rather than the
+# Inference where flex is not used: on CPU, where it wins (docs/PERFORMANCE.md's flex-on-CPU table,
+# compiled DeiT-Ti inference against flex; the DeiT table's compiled inference rows measure it too),
+# and on CUDA without Triton. Plain ops rather than the
 # Function: nothing of autograd for torch.compile to trace. Whether flex beats it for CUDA inference,
 # as ``auto`` assumes: pending the GPU table of scripts/gpu_check.sh.
 def _inference(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
@@ -301,9 +301,8 @@ def chunk_rows(batch_heads: int, queries: int, keys: int, budget_bytes: int) -> 
 
 # Custom ops, not an autograd Function: torch.compile treats them as opaque, so it neither
 # breaks the graph at them nor merges the backward's recomputation with the forward (which
-# would bring back the saved N×N scores). Their row: docs/PERFORMANCE.md's peak attention memory
-# table, one DeiT-S layer at 1024 tokens: 64 MB against the explicit path's 1114 MB eager (0.058x)
-# and 316 MB compiled (0.203x). Memory is what they are for on every device (opt-in:
+# would bring back the saved N×N scores). Their rows: docs/PERFORMANCE.md's peak attention memory
+# table, one DeiT-S layer at 1024 tokens, chunked against the explicit path, eager and compiled. Memory is what they are for on every device (opt-in:
 # attn_backend=chunked); their GPU time: pending the GPU table of scripts/gpu_check.sh.
 
 @torch.library.custom_op("multimax::chunked_attention_fwd", mutates_args=())
@@ -425,8 +424,8 @@ def chunked_attention(
 # flex serves CUDA: ``auto``'s MultiMax inference there, and training where proven (below). No GPU row
 # exists yet: kept until the GPU table of scripts/gpu_check.sh decides (its benchmark runs softmax-SDPA,
 # compiled explicit and flex side by side). On CPU it is slower (docs/PERFORMANCE.md's flex-on-CPU
-# table: compiled DeiT-Ti inference 254 ms against the explicit path's 199 ms), so ``auto`` never
-# picks it there; forced, it runs forward only.
+# table, compiled DeiT-Ti inference against the explicit path), so ``auto`` never picks it there;
+# forced, it runs forward only.
 #
 # torch versions (major.minor) on which flex's backward with ``flex_score_mod`` is proven on a GPU:
 # scripts/gpu_check.sh passed there (flex forward and gradients equal the explicit path's in fp32

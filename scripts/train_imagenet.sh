@@ -4,7 +4,7 @@
 #   scripts/train_imagenet.sh configs/deit_small_multimax.yaml 8 data.root=/data/imagenet
 # The presets assume 8 GPUs x data.batch_size=128 (global 1024, lr 5e-4 x 1024/512 = 1e-3).
 # Ctrl-C or SIGTERM: every worker stops within a step or two, rank 0 saves a resumable
-# checkpoint, each worker exits 75 (README "Stopping, rerunning, exit codes"); torchrun itself
+# checkpoint, each worker exits 75 (docs/STOPPING.md); torchrun itself
 # then exits 1. Rerun the same command to resume. torchrun SIGKILLs its workers a while after
 # passing a signal on: 30 s by default, 120 s here (TORCH_ELASTIC_SHUTDOWN_TIMEOUT, read by the
 # torch versions that have torchrun's --shutdown-timeout; older ones keep 30 s), so that a

@@ -1,6 +1,6 @@
 """timm's model contracts hold for our registered models: the checks timm's own model tests
 (tests/test_models.py in timm's repository) make of a ViT, on small instances of every
-registered name. TorchScript is not supported (README "Models")."""
+registered name. TorchScript is not supported (docs/MODELS.md)."""
 import pytest
 import timm
 import torch
