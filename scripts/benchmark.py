@@ -186,7 +186,12 @@ def run_group(
     compile_mode: Optional[str] = None, memory: bool = True, clock: str = "wall",
 ) -> List[Result]:
     """Build and warm up every variant, then time them round-robin; then peak memory, one
-    step per variant (skipped for compiled CPU variants, which the CPU counter cannot see)."""
+    step per variant (skipped for compiled CPU variants, which the CPU counter cannot see).
+
+    Each group starts from an empty torch.compile cache: every compiled model instance is another
+    guard set on the same timm forward code, and past torch._dynamo's recompile limit (8) dynamo
+    would run the later groups' "compiled" variants eagerly."""
+    torch._dynamo.reset()
     built = []
     for v in variants:
         t0 = time.perf_counter()
