@@ -251,9 +251,9 @@ def modulated_attention(
 
 # Inference where flex is not used: on CPU, where it wins (docs/PERFORMANCE.md's flex-on-CPU table,
 # compiled DeiT-Ti inference against flex; the DeiT table's compiled inference rows measure it too),
-# and on CUDA without Triton. Plain ops rather than the
-# Function: nothing of autograd for torch.compile to trace. Whether flex beats it for CUDA inference,
-# as ``auto`` assumes: pending the GPU table of scripts/gpu_check.sh.
+# and on CUDA without Triton. Plain ops rather than the Function: nothing of autograd for
+# torch.compile to trace. Whether flex beats it for CUDA inference, as ``auto`` assumes: pending
+# the GPU table of scripts/gpu_check.sh.
 def _inference(q, k, v, scale: float, bias: Optional[torch.Tensor], params: Params) -> torch.Tensor:
     """The products under the caller's autocast, as in the gradient path; φ + softmax in float32."""
     q_scale = _query_scale(_matmul_dtype(q, k), scale)
@@ -302,8 +302,9 @@ def chunk_rows(batch_heads: int, queries: int, keys: int, budget_bytes: int) -> 
 # Custom ops, not an autograd Function: torch.compile treats them as opaque, so it neither
 # breaks the graph at them nor merges the backward's recomputation with the forward (which
 # would bring back the saved N×N scores). Their rows: docs/PERFORMANCE.md's peak attention memory
-# table, one DeiT-S layer at 1024 tokens, chunked against the explicit path, eager and compiled. Memory is what they are for on every device (opt-in:
-# attn_backend=chunked); their GPU time: pending the GPU table of scripts/gpu_check.sh.
+# table, one DeiT-S layer at 1024 tokens, chunked against the explicit path, eager and compiled.
+# Memory is what they are for on every device (opt-in: attn_backend=chunked); their GPU time:
+# pending the GPU table of scripts/gpu_check.sh.
 
 @torch.library.custom_op("multimax::chunked_attention_fwd", mutates_args=())
 def _chunked_fwd(

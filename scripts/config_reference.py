@@ -7,7 +7,6 @@ it; then the retired keys). tests/test_docs.py checks that the page holds exactl
 """
 from __future__ import annotations
 
-import dataclasses
 import os
 import sys
 from typing import Any, List
@@ -16,7 +15,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import yaml  # noqa: E402
 
-from engine.config import KEYS, RETIRED_KEYS, Config  # noqa: E402
+from engine.config import KEYS, RETIRED_KEYS, Config, config_to_dict  # noqa: E402
 
 BEGIN = "<!-- begin: python scripts/config_reference.py -->"
 END = "<!-- end: python scripts/config_reference.py -->"
@@ -35,17 +34,9 @@ def _value(value: Any) -> str:
     return text[:-len("...")].strip() if text.endswith("...") else text
 
 
-def _defaults() -> dict:
-    flat, cfg = {}, Config()
-    for section in dataclasses.fields(cfg):
-        for f in dataclasses.fields(getattr(cfg, section.name)):
-            flat[f"{section.name}.{f.name}"] = getattr(getattr(cfg, section.name), f.name)
-    return flat
-
-
 def reference() -> str:
     """The Markdown between the page's BEGIN and END markers."""
-    defaults = _defaults()
+    defaults = config_to_dict(Config())
     lines: List[str] = []
     section = None
     for dotted, spec in KEYS.items():
@@ -56,7 +47,7 @@ def reference() -> str:
                       "| --- | --- | --- | --- | --- |"]
         allowed = " \\| ".join(f"`{c}`" for c in spec.choices)
         what = _cell(spec.help) + (" (a path: a leading `~` is the home directory)" if spec.path else "")
-        lines.append(f"| `{dotted}` | `{_value(defaults[dotted])}` | {allowed} | {what} | "
+        lines.append(f"| `{dotted}` | `{_value(defaults[name][dotted.split('.', 1)[1]])}` | {allowed} | {what} | "
                      f"{'yes' if spec.resumable else ''} |")
     lines += ["", "### Retired keys", "",
               "Keys the schema no longer has: a file that sets one (an older run directory's `config.yaml`, a "

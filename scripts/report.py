@@ -279,10 +279,16 @@ def separated_pairs(values: Dict[str, Sequence[float]]) -> List[Tuple[str, str]]
 SEPARATED = ("final_top1", "final_top5", "final_loss", "sparsity", "multimodality")
 
 
+def _similarity_block(column: str) -> Optional[str]:
+    """The block of a ``patch_similarity[<block>]`` column, else None."""
+    m = re.fullmatch(r"patch_similarity\[(.+)\]", column)
+    return m.group(1) if m else None
+
+
 def pair_rows(column: str, values: Dict[str, Sequence[float]]) -> List[str]:
     """The report's table rows of ``column``'s separated pairs: metric, higher, its seeds' range, lower, its range."""
-    digits = _digits(column)
-    title = f"patch similarity, {column[17:-1]}" if column.startswith("patch_similarity[") else _title(column)
+    digits, block = _digits(column), _similarity_block(column)
+    title = f"patch similarity, {block}" if block else _title(column)
     rows = []
     for hi, lo in separated_pairs(values):
         ranges = [f"{min(values[v]):.{digits}f}–{max(values[v]):.{digits}f}" for v in (hi, lo)]
@@ -300,7 +306,7 @@ def _seed_values(results: Sequence[RunResult], column: str) -> Dict[str, List[fl
     """Per variant, the values of ``column`` (a ``values`` key or ``patch_similarity[<block>]``) of its
     finished runs."""
     out: Dict[str, List[float]] = {}
-    block = column[len("patch_similarity["):-1] if column.startswith("patch_similarity[") else None
+    block = _similarity_block(column)
     for r in results:
         value = r.values.get(column) if block is None else r.similarity.get(block)
         if r.finished and value is not None:

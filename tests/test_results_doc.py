@@ -4,6 +4,7 @@ the "beyond the spread" pairs it lists, and the counts its text states."""
 import csv
 import os
 import re
+import statistics
 
 import pytest
 
@@ -139,8 +140,6 @@ def test_every_decimal_number_of_the_reading_is_computed_from_runs_csv_once(doc,
     """Each decimal number in the Reading is a mean, standard deviation, minimum or maximum over one
     variant's seeds, or a difference of two variants' means, rounded once (to the report's digits or
     to 2) from the per-run values: no number comes from rounding an already rounded one."""
-    import statistics
-
     columns = [c for c in runs[0] if c not in ("variant", "seed", "state", "epochs_done", "epochs", "run_dir")]
     allowed = set()
     for column in columns:
